@@ -4,7 +4,17 @@ The public API is re-exported here; modules starting with ``_`` are private.
 """
 
 from qatjax import calibration
+from qatjax._act import QAct
+from qatjax._config import QuantConfig, QuantRules, rules
+from qatjax._conv import QConv
+from qatjax._conv_bn import QConvBN
+from qatjax._convert import convert
+from qatjax._dense import QDense, QDenseGeneral
+from qatjax._embed import QEmbed
 from qatjax._fake_quant import fake_quant, lsq_fake_quant, lsq_grad_scale, lsq_init_scale, pact
+from qatjax._model import (QuantizedModel, from_float, quantize_model, rules_report,
+                           set_quant_flags)
+from qatjax._qarray import QArray, pack_int4, unpack_int4
 from qatjax._quantize import dequantize, int_dtype, quantize
 from qatjax._ranges import EPS, qrange, scale_zero_point
 
@@ -12,15 +22,33 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EPS",
+    "QAct",
+    "QArray",
+    "QConv",
+    "QConvBN",
+    "QDense",
+    "QDenseGeneral",
+    "QEmbed",
+    "QuantConfig",
+    "QuantRules",
+    "QuantizedModel",
     "calibration",
+    "convert",
     "dequantize",
     "fake_quant",
+    "from_float",
     "int_dtype",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "lsq_init_scale",
+    "pack_int4",
     "pact",
     "qrange",
     "quantize",
+    "quantize_model",
+    "rules",
+    "rules_report",
     "scale_zero_point",
+    "set_quant_flags",
+    "unpack_int4",
 ]

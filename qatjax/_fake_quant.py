@@ -105,9 +105,10 @@ def _scale_grad_bwd(factor, g):
 _scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
 
-def _round_ste(p):
-  """``round(p)`` forward, identity gradient."""
-  return p + jax.lax.stop_gradient(jnp.round(p) - p)
+def _round_ste(p, lo, hi):
+  """``clip(round(p), lo, hi)`` forward, identity gradient (PyTorch's learnable fake quant does
+  not mask the zero-point gradient; a clip with its own gradient would halve it at ``z == lo``)."""
+  return p + jax.lax.stop_gradient(jnp.clip(jnp.round(p), lo, hi) - p)
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def lsq_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | No
     zero_point = jnp.zeros_like(jnp.asarray(scale, jnp.float32))
   dtype, xc, s, z, noise, stochastic = _prepare(x, scale, zero_point, qmin, qmax, axis,
                                                  group_size, key, eps)
-  z = _round_ste(jnp.clip(z, qmin, qmax))
+  z = _round_ste(z, qmin, qmax)
   gf = jnp.asarray(grad_scale, xc.dtype)
   s = _scale_grad(s, gf)
   z = _scale_grad(z, gf)
@@ -299,7 +300,8 @@ def pact(x, alpha, bits: int, *, eps: float = EPS):
   qmax = 2**bits - 1
   alpha = jnp.maximum(jnp.asarray(alpha, jnp.float32), eps)
   x = jnp.asarray(x)
-  y = jnp.where(x < alpha, jnp.maximum(x, 0.0), alpha.astype(x.dtype))
+  # where(x >= 0, x, 0), not maximum(x, 0): maximum splits the gradient 0.5/0.5 at x == 0.
+  y = jnp.where(x < alpha, jnp.where(x >= 0, x, jnp.zeros_like(x)), alpha.astype(x.dtype))
   s = jax.lax.stop_gradient(alpha / qmax)
   yq = jnp.round(y / s) * s
   return y + jax.lax.stop_gradient(yq - y)

@@ -1,0 +1,35 @@
+"""``QAct``: a standalone activation quantizer (e.g. after a residual add)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from qatjax._config import QuantConfig, QuantRules, resolve
+from qatjax._quantizers import flags, module_path, quantize_input
+
+
+class QAct(nn.Module):
+  """Fake-quantizes a tensor with the activation settings of ``config``.
+
+  Use it where a model has an activation that no quantized layer consumes directly (after a
+  residual add, before a float op). Its state is the same as a layer's input quantizer:
+  ``quant_stats/input_*`` (observer) or ``params/input_scale`` (LSQ).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> q = QAct(QuantConfig(weight_bits=None, act_bits=4))
+    >>> v = q.init(jax.random.key(0), jnp.ones(3))
+    >>> y, v2 = q.apply(v, jnp.array([0.0, 0.5, 1.0]), mutable=["quant_stats"])
+    >>> [round(v, 4) for v in y.tolist()]
+    [0.0, 0.4667, 1.0]
+  """
+
+  config: QuantConfig | QuantRules | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = resolve(self.config, module_path(self))
+    if cfg is None or cfg.act_bits is None:
+      return x
+    enabled, observe = flags(self)
+    return quantize_input(self, x, cfg, enabled, observe)

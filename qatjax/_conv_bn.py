@@ -1,0 +1,106 @@
+"""``QConvBN``: convolution + BatchNorm folded for quantization-aware training."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qatjax._config import QuantConfig, QuantRules, resolve
+from qatjax._conv import conv_forward
+from qatjax._quantizers import EXPORT, STATS, is_converted, module_path
+
+
+class QConvBN(nn.Module):
+  """Conv followed by BatchNorm, with the BN scale folded into the quantized kernel.
+
+  Jacob et al. 2018 (section 3.2) and Krishnamoorthi 2018; the "approximate" path of PyTorch's
+  ``ConvBn2d``: with ``f = gamma / sqrt(running_var + eps)`` the kernel ``W * f`` is
+  fake-quantized, the conv output is divided by ``f`` and normalised with batch statistics while
+  training, or with running statistics in evaluation and after the BN statistics are frozen
+  (``quant_stats/bn_frozen``, see :func:`qatjax.set_quant_flags`). Frozen or in evaluation the
+  output equals ``conv(x, fq(W * f)) + beta - f * (mean - b)``: exactly what the converted integer
+  model computes. ``gamma = 0`` is guarded (no NaN).
+
+  Parameters: ``kernel`` (and ``bias`` if ``use_bias``), ``bn_scale``, ``bn_bias``; running
+  statistics ``batch_stats/mean`` and ``batch_stats/var``.
+
+  Attributes:
+    features, kernel_size, strides, padding, input_dilation, kernel_dilation,
+    feature_group_count, dtype, param_dtype, precision, kernel_init, bias_init: as ``nn.Conv``.
+    use_bias: conv bias (default False: BN has its own).
+    config: a :class:`QuantConfig`, :class:`QuantRules` or ``None``.
+    use_running_average: as ``nn.BatchNorm`` (may also be passed to ``__call__``).
+    momentum, epsilon, scale_init, bn_bias_init: as ``nn.BatchNorm``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = QConvBN(4, (3, 3), config=QuantConfig())
+    >>> v = layer.init(jax.random.key(0), jnp.ones((2, 5, 5, 3)), use_running_average=False)
+    >>> sorted(v["params"]), sorted(v["batch_stats"])
+    (['bn_bias', 'bn_scale', 'kernel'], ['mean', 'var'])
+  """
+
+  features: int
+  kernel_size: int | Sequence[int]
+  config: QuantConfig | QuantRules | None = None
+  strides: int | Sequence[int] | None = 1
+  padding: Any = "SAME"
+  input_dilation: int | Sequence[int] | None = 1
+  kernel_dilation: int | Sequence[int] | None = 1
+  feature_group_count: int = 1
+  use_bias: bool = False
+  use_running_average: bool | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  scale_init: Any = nn.initializers.ones_init()
+  bn_bias_init: Any = nn.initializers.zeros_init()
+  mask: Any = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    """Applies conv + BN; ``use_running_average=False`` trains with batch statistics."""
+    cfg = resolve(self.config, module_path(self))
+    if is_converted(self):  # BN already folded into the integer kernel and the bias
+      return conv_forward(self, x, cfg)
+    use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    n = self.features
+    gamma = self.param("bn_scale", self.scale_init, (n,), self.param_dtype)
+    beta = self.param("bn_bias", self.bn_bias_init, (n,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((n,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((n,), jnp.float32))
+    frozen = self.variable(STATS, "bn_frozen", lambda: jnp.zeros((), jnp.bool_)).value
+    f = gamma / jnp.sqrt(ra_var.value + self.epsilon)
+    f_safe = jnp.where(f == 0, 1.0, f)
+    holder = {}
+
+    def fold(kernel):
+      holder["conv_bias"] = (self.get_variable("params", "bias") if self.use_bias
+                             else jnp.zeros((n,), jnp.float32))
+      return kernel * f, lambda y: y / f_safe
+
+    y = conv_forward(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b
+    running = (y - ra_mean.value) * f + beta
+    if use_ra:
+      out = running
+    else:
+      axes = tuple(range(y.ndim - 1))
+      mean = jnp.mean(y, axes)
+      var = jnp.mean(jnp.square(y - mean), axes)
+      batch = (y - mean) * (gamma * jax.lax.rsqrt(var + self.epsilon)) + beta
+      if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+        m = self.momentum
+        ra_mean.value = jnp.where(frozen, ra_mean.value, m * ra_mean.value + (1 - m) * mean)
+        ra_var.value = jnp.where(frozen, ra_var.value, m * ra_var.value + (1 - m) * var)
+      out = jnp.where(frozen, running, batch)
+    if self.is_mutable_collection(EXPORT):
+      self.put_variable(EXPORT, "bias",
+                        jax.lax.stop_gradient(beta + (holder["conv_bias"] - ra_mean.value) * f))
+    return out

@@ -1,0 +1,91 @@
+"""``convert``: trained QAT variables to an integer deployment pytree."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from qatjax._quantizers import EXPORT, STATS
+
+def _flat(tree):
+  return traverse_util.flatten_dict(dict(tree)) if tree else {}
+
+
+def convert(model, variables, *args, **kwargs) -> dict:
+  """Converts QAT variables to integers for deployment (Jacob et al. 2018).
+
+  Runs ``model`` once in evaluation mode (``quant_stats`` immutable) on the example ``args`` and
+  collects, for every quantized layer, its kernel quantized to a :class:`QArray` (``int8``; two
+  values per byte for 4 bits and fewer), its frozen input scale and zero point, and the int32
+  kernel sums the zero-point correction needs. ``QConvBN`` layers are folded: their kernel holds
+  ``W * gamma / sqrt(var + eps)`` and their ``bias`` the folded BN shift. Biases stay float32
+  (added after the int32 accumulator is rescaled). Float layers are left untouched.
+
+  The result is a variables dict for the *same* model: ``model.apply(qvars, x)`` then runs
+  int8 x int8 -> int32 matmuls and convolutions.
+
+  Args:
+    model: the QAT model.
+    variables: its trained variables (``params``, ``quant_stats``, ``batch_stats``).
+    *args: an example input (shapes only matter; it does not change any statistic).
+    **kwargs: keyword arguments for the model's ``__call__`` in evaluation mode (e.g.
+      ``train=False``).
+
+  Returns:
+    The converted variables: ``params`` with :class:`QArray` kernels, and ``quant_stats`` only
+    where a layer still needs it (``QAct``).
+
+  Raises:
+    ValueError: naming a layer whose activation observer was never calibrated.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = QDense(3, config=QuantConfig())
+    >>> x = jnp.arange(8.0).reshape(2, 4)
+    >>> v = layer.init(jax.random.key(0), x)
+    >>> _, stats = layer.apply(v, x, mutable=["quant_stats"])   # calibrate
+    >>> qv = convert(layer, {**v, **stats}, x)
+    >>> qv["params"]["kernel"].values.dtype
+    dtype('int8')
+    >>> bool(jnp.abs(layer.apply(qv, x) - layer.apply({**v, **stats}, x)).max() < 1e-4)
+    True
+  """
+  variables = dict(variables)
+  _, exported = model.apply(variables, *args, mutable=[EXPORT], **kwargs)
+  ex = _flat(exported.get(EXPORT, {}))
+  layers = sorted({k[:-1] for k in ex if k[-1] in ("kernel", "embedding")})
+  float_params = _flat(variables["params"])
+  params = dict(float_params)
+  stats = _flat(variables.get(STATS, {}))
+  for layer in layers:
+    name = "kernel" if layer + ("kernel",) in ex else "embedding"
+    # Quantizer parameters and BN parameters (folded into kernel and bias) are dropped.
+    for key in [k for k in params if k[:-1] == layer and k[-1] != "bias"]:
+      del params[key]
+    for leaf in (name, "bias", "kernel_sum"):
+      if layer + (leaf,) in ex:
+        params[layer + (leaf,)] = ex[layer + (leaf,)]
+    if layer + ("input", "scale") in ex and layer + ("input_alpha",) not in float_params:
+      if not bool(ex[layer + ("input", "calibrated")]):
+        raise ValueError(f"convert: layer {'/'.join(layer) or '<root>'} has no activation "
+                         "statistics (its observer never saw data); calibrate or train with "
+                         "mutable=['quant_stats'] first")
+      for leaf in ("scale", "zero_point"):
+        params[layer + ("input_" + leaf,)] = jnp.asarray(ex[layer + ("input", leaf)],
+                                                         jnp.float32)
+    for key in [k for k in stats if k[:-1] == layer]:
+      del stats[key]
+  out = {"params": traverse_util.unflatten_dict(params)}
+  if stats:
+    out[STATS] = traverse_util.unflatten_dict(stats)
+  bs = {k: v for k, v in _flat(variables.get("batch_stats", {})).items() if k[:-1] not in layers}
+  if bs:
+    out["batch_stats"] = traverse_util.unflatten_dict(bs)
+  for col, tree in variables.items():
+    if col not in ("params", STATS, "batch_stats", EXPORT):
+      out[col] = tree
+  return out
+
+
+
+

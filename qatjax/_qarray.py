@@ -1,0 +1,92 @@
+"""``QArray``: an integer tensor with its scale and zero point, as a registered pytree."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+
+def pack_int4(q) -> jax.Array:
+  """Packs signed integers in [-8, 7] two per byte (even index: low nibble), flattened.
+
+  Example:
+    >>> unpack_int4(pack_int4(jnp.array([-8, 7, 3], jnp.int8)), (3,))
+    Array([-8,  7,  3], dtype=int8)
+  """
+  flat = jnp.asarray(q, jnp.int8).reshape(-1)
+  if flat.size % 2:
+    flat = jnp.concatenate([flat, jnp.zeros((1,), jnp.int8)])
+  u = flat.astype(jnp.uint8) & 0xF
+  return u[0::2] | (u[1::2] << 4)
+
+
+def unpack_int4(packed, shape) -> jax.Array:
+  """Inverse of :func:`pack_int4`: int8 array of ``shape``."""
+  p = jnp.asarray(packed, jnp.uint8)
+  lo = (p & 0xF).astype(jnp.int8)
+  hi = (p >> 4).astype(jnp.int8)
+  both = jnp.stack([lo, hi], axis=-1).reshape(-1)[: math.prod(shape)]
+  both = jnp.where(both >= 8, both - 16, both).astype(jnp.int8)
+  return both.reshape(shape)
+
+
+@struct.dataclass
+class QArray:
+  """A quantized tensor: ``float ~= (int - zero_point) * scale``.
+
+  ``values`` holds int8 (bits 5..8) or, for ``bits <= 4``, two values per byte packed into a flat
+  uint8 vector (see :func:`pack_int4`). ``scale`` and ``zero_point`` are float32 and broadcast
+  against the unpacked array, except along ``axis`` for per-group scales, where they hold one entry
+  per ``group_size`` elements.
+
+  Example:
+    >>> qa = QArray.create(jnp.array([[1, -2]], jnp.int8), jnp.float32(0.5), bits=4)
+    >>> qa.values.dtype, qa.unpack().tolist(), qa.dequantize().tolist()
+    (dtype('uint8'), [[1, -2]], [[0.5, -1.0]])
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array
+  shape: tuple[int, ...] = struct.field(pytree_node=False)
+  bits: int = struct.field(pytree_node=False)
+  axis: int | None = struct.field(pytree_node=False, default=None)
+  group_size: int | None = struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def create(cls, q, scale, zero_point=None, *, bits: int, axis=None, group_size=None):
+    """Builds a QArray from unpacked integers, packing them when ``bits <= 4``."""
+    q = jnp.asarray(q)
+    scale = jnp.asarray(scale, jnp.float32)
+    zero_point = (jnp.zeros_like(scale) if zero_point is None else
+                  jnp.asarray(zero_point, jnp.float32))
+    values = pack_int4(q) if bits <= 4 else q.astype(jnp.int8)
+    return cls(values, scale, zero_point, tuple(q.shape), bits, axis, group_size)
+
+  @property
+  def packed(self) -> bool:
+    return self.bits <= 4
+
+  def unpack(self) -> jax.Array:
+    """The integers as an int8 array of ``shape``."""
+    return unpack_int4(self.values, self.shape) if self.packed else self.values
+
+  def expanded(self, p):
+    """A scale or zero point broadcast against the unpacked array (groups repeated)."""
+    if self.group_size is None:
+      return p
+    full = jnp.repeat(p, self.group_size, axis=self.axis)
+    return lax.slice_in_dim(full, 0, self.shape[self.axis], axis=self.axis)
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """``(int - zero_point) * scale`` as floats."""
+    q = self.unpack().astype(jnp.float32)
+    return ((q - self.expanded(self.zero_point)) * self.expanded(self.scale)).astype(dtype)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.values.nbytes + self.scale.nbytes + self.zero_point.nbytes)
