@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) examples/mnist_qat.py $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

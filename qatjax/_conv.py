@@ -12,8 +12,8 @@ from jax import lax
 
 from qatjax._config import QuantConfig, QuantRules, resolve
 from qatjax._int_ops import int_conv, quantize_input_int8
-from qatjax._quantizers import (EXPORT, converted_input, flags, is_converted, module_path,
-                                quantize_input, quantize_weight)
+from qatjax._quantizers import (EXPORT, converted_input, exporting, flags, is_converted,
+                                module_path, quantize_input, quantize_weight)
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -87,7 +87,7 @@ def conv_forward(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
       enabled, observe = flags(m)
       inputs = quantize_input(m, inputs, cfg, enabled, observe)
       kernel = quantize_weight(m, kernel, cfg, enabled, in_axis=len(ks), out_axis=len(ks) + 1)
-      if m.is_mutable_collection(EXPORT) and cfg.weight_bits is not None:
+      if exporting(m) and cfg.weight_bits is not None:
         qa = m.get_variable(EXPORT, "kernel")
         if qa.group_size is None:
           m.put_variable(EXPORT, "kernel_sum",

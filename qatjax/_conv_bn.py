@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from qatjax._config import QuantConfig, QuantRules, resolve
 from qatjax._conv import conv_forward
-from qatjax._quantizers import EXPORT, STATS, is_converted, module_path
+from qatjax._quantizers import EXPORT, STATS, exporting, is_converted, module_path
 
 
 class QConvBN(nn.Module):
@@ -100,7 +100,7 @@ class QConvBN(nn.Module):
         ra_mean.value = jnp.where(frozen, ra_mean.value, m * ra_mean.value + (1 - m) * mean)
         ra_var.value = jnp.where(frozen, ra_var.value, m * ra_var.value + (1 - m) * var)
       out = jnp.where(frozen, running, batch)
-    if self.is_mutable_collection(EXPORT):
+    if exporting(self):
       self.put_variable(EXPORT, "bias",
                         jax.lax.stop_gradient(beta + (holder["conv_bias"] - ra_mean.value) * f))
     return out

@@ -65,7 +65,9 @@ def convert(model, variables, *args, **kwargs) -> dict:
     for leaf in (name, "bias", "kernel_sum"):
       if layer + (leaf,) in ex:
         params[layer + (leaf,)] = ex[layer + (leaf,)]
-    if layer + ("input", "scale") in ex and layer + ("input_alpha",) not in float_params:
+    # PACT layers too: their input is clipped to [0, alpha] and quantized with scale
+    # alpha / qmax and zero point 0, exactly what the integer kernel's clip does.
+    if layer + ("input", "scale") in ex:
       if not bool(ex[layer + ("input", "calibrated")]):
         raise ValueError(f"convert: layer {'/'.join(layer) or '<root>'} has no activation "
                          "statistics (its observer never saw data); calibrate or train with "

@@ -11,9 +11,9 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from qatjax._config import QuantConfig, QuantRules, resolve
-from qatjax._int_ops import int_dot, quantize_input_int8
-from qatjax._quantizers import (EXPORT, converted_input, flags, is_converted, module_path,
-                                quantize_input, quantize_weight)
+from qatjax._int_ops import int_dot_kernel, quantize_input_int8
+from qatjax._quantizers import (EXPORT, converted_input, exporting, flags, is_converted,
+                                module_path, quantize_input, quantize_weight)
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -38,7 +38,7 @@ def dense_forward(m, inputs, cfg: QuantConfig | None):
     enabled, observe = flags(m)
     inputs = quantize_input(m, inputs, cfg, enabled, observe)
     kernel = quantize_weight(m, kernel, cfg, enabled, in_axis=0, out_axis=1)
-    if m.is_mutable_collection(EXPORT) and cfg.weight_bits is not None:
+    if exporting(m) and cfg.weight_bits is not None:
       _export_kernel_sum(m, (0,))
   inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=m.dtype)
   y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
@@ -52,6 +52,8 @@ def _export_kernel_sum(m, axes):
   qa = m.get_variable(EXPORT, "kernel")
   if qa.group_size is None:
     m.put_variable(EXPORT, "kernel_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=axes))
+    # Stored (N, K): the layout XLA:CPU's int8 matmul reads without repacking (int_dot_kernel).
+    m.put_variable(EXPORT, "kernel", qa.with_perm((1, 0)))
 
 
 def _grouped_int_dot(qx, zx, qa, out_features):
@@ -85,7 +87,7 @@ def _dense_int(m, inputs, cfg):
     if qa.group_size is not None:
       y = _grouped_int_dot(qx, zx, qa, qa.shape[-1]) * s
     else:
-      acc = int_dot(qx, zx, qa.unpack(), m.get_variable("params", "kernel_sum"), 1)
+      acc = int_dot_kernel(qx, zx, qa, m.get_variable("params", "kernel_sum"))
       y = acc.astype(jnp.float32) * (s * qa.scale.reshape(-1 if qa.scale.size > 1 else ()))
   return y
 
@@ -132,7 +134,7 @@ class QDense(nn.Module):
 
 def _canon_axes(axes, ndim):
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return tuple(a % ndim for a in axes)
+  return tuple(sorted(a % ndim for a in axes))  # sorted, as nn.DenseGeneral (_normalize_axes)
 
 
 class QDenseGeneral(nn.Module):
@@ -198,7 +200,7 @@ class QDenseGeneral(nn.Module):
       enabled, observe = flags(self)
       x2 = quantize_input(self, x2, cfg, enabled, observe)
       k2 = quantize_weight(self, k2, cfg, enabled, in_axis=0, out_axis=1)
-      if self.is_mutable_collection(EXPORT) and cfg.weight_bits is not None:
+      if exporting(self) and cfg.weight_bits is not None:
         _export_kernel_sum(self, (0,))
     x2, k2 = promote_dtype(x2, k2, dtype=self.dtype)
     y = lax.dot_general(x2, k2, (((x2.ndim - 1,), (0,)), ((), ())), precision=self.precision)

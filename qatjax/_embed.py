@@ -57,7 +57,7 @@ class QEmbed(nn.Module):
     qa = self._qtable
     if qa.group_size is None:
       rows = jnp.take(qa.unpack(), inputs, axis=0).astype(jnp.float32)
-      scale = qa.scale.reshape(-1) if qa.scale.size > 1 else qa.scale
+      scale = qa.scale.reshape(-1) if qa.scale.size > 1 else qa.scale.reshape(())
       return rows * (jnp.take(scale, inputs, axis=0)[..., None] if scale.ndim else scale)
     return jnp.take(qa.dequantize(), inputs, axis=0)
 

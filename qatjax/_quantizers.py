@@ -49,8 +49,18 @@ def flags(module):
   return enabled, observe
 
 
+def exporting(module) -> bool:
+  """True while :func:`qatjax.convert` collects the integer export (``quant_export`` mutable).
+
+  Never during ``init``: ``init`` makes every collection mutable, and the export (int8 kernels,
+  kernel sums, input scales) would otherwise land in the initial variables and be recomputed by
+  every training step that passes them back as mutable.
+  """
+  return module.is_mutable_collection(EXPORT) and not module.is_initializing()
+
+
 def _export(module, name, value):
-  if module.is_mutable_collection(EXPORT):
+  if exporting(module):
     module.put_variable(EXPORT, name, jax.tree_util.tree_map(jax.lax.stop_gradient, value))
 
 
@@ -189,7 +199,7 @@ def quantize_weight(module, w, cfg: QuantConfig | None, enabled, *, in_axis: int
   else:
     s = observer_weight_scale(w, cfg, in_axis, out_axis)
     y = fake_quant(w, s, None, qmin, qmax, axis=axis, group_size=group)
-  if module.is_mutable_collection(EXPORT):
+  if exporting(module):
     q = quantize(w, s, None, qmin, qmax, axis=axis, group_size=group)
     bshape = scale_shape if group else [
         w.shape[d] if d == axis else 1 for d in range(w.ndim)]

@@ -1,0 +1,192 @@
+"""QAT train-step overhead: jitted Adam steps of float32 vs W8A8 observer vs W8A8 LSQ layers.
+
+Two models, each built from qatjax layers with ``config=None`` (exactly the Flax layers), a W8A8
+observer config (per-channel min/max weights, EMA activation ranges in ``quant_stats``) and a W8A8
+LSQ config (learned step sizes and offsets in ``params``):
+
+  * MLP 784-512-512-10, batch 256;
+  * CNN 28x28x1 -> conv 32 3x3 -> relu -> conv 64 3x3 stride 2 -> relu -> dense 10, batch 256.
+
+One step is ``value_and_grad`` of the softmax cross-entropy + an ``optax.adam`` update, with
+``quant_stats`` mutable, jitted, timed to ``jax.block_until_ready``. After a warm-up (compile, and
+calibration of the observers), the variants run interleaved, round-robin, for ``--repeats`` rounds,
+so that drift in machine load hits them alike; the table reports the median per step and its
+ratio to the float32 step of the same model. Goal on CPU: observer <= 1.10x, LSQ <= 1.15x.
+
+Usage: python benchmarks/bench_layers.py [--repeats N] [--batch N] [--hlo]
+
+Writes benchmarks/results/layers.json and layers.md (the README table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # run as a script: import the checkout's qatjax
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import qatjax  # noqa: E402
+from qatjax import QConv, QDense, QuantConfig  # noqa: E402
+
+VARIANTS = {
+    "float32": None,
+    "W8A8 observer": QuantConfig(8, 8),
+    "W8A8 LSQ": QuantConfig(8, 8, method="lsq"),
+}
+GOALS = {"W8A8 observer": 1.10, "W8A8 LSQ": 1.15}
+
+
+class MLP(nn.Module):
+  config: object = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(QDense(512, config=self.config)(x))
+    x = nn.relu(QDense(512, config=self.config)(x))
+    return QDense(10, config=self.config)(x)
+
+
+class CNN(nn.Module):
+  config: object = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(QConv(32, (3, 3), config=self.config)(x))
+    x = nn.relu(QConv(64, (3, 3), strides=2, config=self.config)(x))
+    return QDense(10, config=self.config)(x.reshape(x.shape[0], -1))
+
+
+MODELS = {"MLP 784-512-512-10": (MLP, (784,)), "CNN 28x28x1 c32-c64s2-d10": (CNN, (28, 28, 1))}
+
+
+def make_case(model_cls, in_shape, config, batch, seed=0):
+  """``(jitted step, state)``; ``step(*state, x, y)`` returns the new state and the loss."""
+  model = model_cls(config)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch,) + in_shape), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.key(seed), x)
+  params = variables["params"]
+  stats = {k: v for k, v in variables.items() if k != "params"}
+  tx = optax.adam(1e-3)
+  mutable = sorted(stats)
+
+  def step(params, stats, opt_state, x, y):
+    def loss_fn(p):
+      if mutable:
+        logits, upd = model.apply({**stats, "params": p}, x, mutable=mutable)
+      else:
+        logits, upd = model.apply({"params": p}, x), {}
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), {**stats, **upd}, opt_state, loss
+
+  return jax.jit(step), [params, stats, tx.init(params)], (x, y)
+
+
+def hlo_summary(step, state, data):
+  """Fusions / custom calls (convolution, dot) in the optimized HLO: a rough count of passes."""
+  text = step.lower(*state, *data).compile().as_text()
+  entry = text[text.find("ENTRY"):]
+  lines = entry.splitlines()
+  count = lambda key: sum(1 for l in lines if key in l)  # noqa: E731
+  return {"fusions": count(" fusion("), "convolutions": count("convolution("),
+          "dots": count(" dot("), "custom_calls": count("custom-call(")}
+
+
+def run(repeats, batch, warmup, with_hlo):
+  cases = []
+  for model_name, (cls, in_shape) in MODELS.items():
+    for variant, config in VARIANTS.items():
+      step, state, data = make_case(cls, in_shape, config, batch)
+      cases.append(dict(model=model_name, variant=variant, step=step, state=state, data=data))
+  for c in cases:  # compile, calibrate the observers, settle
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+      *c["state"], loss = c["step"](*c["state"], *c["data"])
+      jax.block_until_ready(loss)
+    c["warmup_s"] = time.perf_counter() - t0
+    c["times"] = []
+  for _ in range(repeats):  # interleaved rounds
+    for c in cases:
+      t0 = time.perf_counter()
+      *c["state"], loss = c["step"](*c["state"], *c["data"])
+      jax.block_until_ready(loss)
+      c["times"].append(time.perf_counter() - t0)
+  rows = []
+  for c in cases:
+    base = next(b for b in cases if b["model"] == c["model"] and b["variant"] == "float32")
+    med, base_med = statistics.median(c["times"]), statistics.median(base["times"])
+    row = dict(model=c["model"], variant=c["variant"], median_ms=round(med * 1e3, 3),
+               min_ms=round(min(c["times"]) * 1e3, 3),
+               ratio_to_float=round(med / base_med, 3), goal=GOALS.get(c["variant"]))
+    if with_hlo:
+      row["hlo"] = hlo_summary(c["step"], c["state"], c["data"])
+    rows.append(row)
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--repeats", type=int, default=30, help="timed rounds (each runs every case)")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--warmup", type=int, default=5, help="untimed steps per case (incl. compile)")
+  p.add_argument("--hlo", action="store_true", help="also count fusions / convs / dots in HLO")
+  p.add_argument("--out", default=str(HERE / "results"), help="folder for the result files")
+  args = p.parse_args()
+
+  rows = run(args.repeats, args.batch, args.warmup, args.hlo)
+  device = jax.devices()[0]
+  meta = dict(batch=args.batch, repeats=args.repeats, warmup=args.warmup, jax=jax.__version__,
+              flax=nn.__name__ and __import__("flax").__version__, optax=optax.__version__,
+              backend=jax.default_backend(),
+              device=getattr(device, "device_kind", str(device)),
+              cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+              step="value_and_grad(softmax CE) + optax.adam, quant_stats mutable, jitted",
+              goal="observer <= 1.10x float32, LSQ <= 1.15x float32 (CPU)")
+  print(f"QAT train step, batch {args.batch}, {meta['backend']} ({meta['device']}, "
+        f"{meta['cores']} cores), median of {args.repeats} interleaved rounds")
+  header = f"{'model':<28} {'variant':<15} {'median ms':>10} {'min ms':>9} {'x float':>8}"
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    flag = ""
+    if r["goal"] is not None:
+      flag = "  ok" if r["ratio_to_float"] <= r["goal"] else f"  (goal {r['goal']:.2f}x)"
+    hlo = f"  {r['hlo']}" if "hlo" in r else ""
+    print(f"{r['model']:<28} {r['variant']:<15} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} "
+          f"{r['ratio_to_float']:>8.2f}{flag}{hlo}")
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "layers.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+  md = [f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
+        f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
+        f"cores), median of {args.repeats} interleaved rounds; goal: observer <= 1.10x, "
+        "LSQ <= 1.15x float32.", "",
+        "| model | variant | median ms | x float32 |", "|---|---|---|---|"]
+  md += [f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {r['ratio_to_float']:.2f} |"
+         for r in rows]
+  (out / "layers.md").write_text("\n".join(md) + "\n")
+  print(f"wrote {out / 'layers.json'} and {out / 'layers.md'}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,210 @@
+"""``model_size``: bytes per layer of float or converted variables, as a report and a comparison."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from flax import traverse_util
+
+from qatjax._qarray import QArray
+from qatjax._quantizers import EXPORT
+
+# Leaves that exist only to (de)quantize: scales, zero points, kernel sums, PACT clip levels.
+QUANT_LEAVES = ("input_scale", "input_zero_point", "kernel_sum", "kernel_scale",
+                "embedding_scale", "input_alpha")
+WEIGHT_LEAVES = ("kernel", "embedding")
+
+
+def _nbytes(a) -> int:
+  """Bytes of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
+  if hasattr(a, "shape") and hasattr(a, "dtype"):
+    return int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize
+  return int(np.asarray(a).nbytes)
+
+
+def _size(a) -> int:
+  return int(math.prod(a.shape)) if hasattr(a, "shape") else int(np.asarray(a).size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSize:
+  """Bytes of one layer (all variables whose parent path is ``name``).
+
+  Attributes:
+    name: the layer path (``"Dense_0"``, ``"block/Conv_0"``; ``"<root>"`` for top-level leaves).
+    weight_bytes: kernels / embeddings: float bytes, or a :class:`QArray`'s (packed) integers.
+    quant_bytes: quantization metadata: a QArray's scale and zero point, input scale and zero
+      point, ``kernel_sum``, LSQ / PACT parameters.
+    other_bytes: everything else (biases, BatchNorm parameters and statistics, ``quant_stats``).
+    n_weights: number of kernel / embedding elements (unpacked).
+  """
+
+  name: str
+  weight_bytes: int = 0
+  quant_bytes: int = 0
+  other_bytes: int = 0
+  n_weights: int = 0
+
+  @property
+  def total(self) -> int:
+    return self.weight_bytes + self.quant_bytes + self.other_bytes
+
+  def _add(self, weight=0, quant=0, other=0, n=0) -> LayerSize:
+    return dataclasses.replace(self, weight_bytes=self.weight_bytes + weight,
+                               quant_bytes=self.quant_bytes + quant,
+                               other_bytes=self.other_bytes + other, n_weights=self.n_weights + n)
+
+
+def _fmt(n: float) -> str:
+  for unit in ("B", "KiB", "MiB"):
+    if abs(n) < 1024 or unit == "MiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  raise AssertionError  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeReport:
+  """Per-layer byte counts of a variables tree (see :func:`model_size`).
+
+  ``str(report)`` (or :meth:`table`) is a text table; :meth:`compare` puts two reports side by
+  side (e.g. float vs converted) with percentages.
+  """
+
+  layers: tuple[LayerSize, ...]
+
+  @property
+  def total(self) -> int:
+    """Total bytes."""
+    return sum(layer.total for layer in self.layers)
+
+  @property
+  def weight_bytes(self) -> int:
+    return sum(layer.weight_bytes for layer in self.layers)
+
+  @property
+  def quant_bytes(self) -> int:
+    return sum(layer.quant_bytes for layer in self.layers)
+
+  @property
+  def other_bytes(self) -> int:
+    return sum(layer.other_bytes for layer in self.layers)
+
+  def __getitem__(self, name: str) -> LayerSize:
+    for layer in self.layers:
+      if layer.name == name:
+        return layer
+    raise KeyError(f"no layer {name!r} in the report; layers: {[lay.name for lay in self.layers]}")
+
+  def ratio(self, baseline: SizeReport) -> float:
+    """``self.total / baseline.total`` (e.g. converted / float)."""
+    return self.total / baseline.total
+
+  def table(self) -> str:
+    """A text table: one row per layer (weights, quantization metadata, other, total)."""
+    head = ("layer", "weights", "quant", "other", "total")
+    rows = [(lay.name, _fmt(lay.weight_bytes), _fmt(lay.quant_bytes), _fmt(lay.other_bytes),
+             _fmt(lay.total)) for lay in self.layers]
+    rows.append(("total", _fmt(self.weight_bytes), _fmt(self.quant_bytes),
+                 _fmt(self.other_bytes), f"{_fmt(self.total)} ({self.total} B)"))
+    return _render(head, rows)
+
+  def __str__(self) -> str:
+    return self.table()
+
+  def compare(self, other: SizeReport, names: tuple[str, str] = ("float", "quantized")) -> str:
+    """``self`` (the baseline) and ``other`` per layer, with ``other`` as a % of ``self``."""
+    return compare_sizes(self, other, names)
+
+
+def _render(head, rows) -> str:
+  widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+  line = lambda r: "  ".join(  # noqa: E731
+      str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def model_size(variables, *, collections=None) -> SizeReport:
+  """Counts the bytes of a model's variables, per layer.
+
+  A :class:`QArray` counts its stored integers (one byte each at 5..8 bits, two per byte at 4
+  bits and fewer) plus its float32 scale and zero point; ``kernel_sum``, biases and input scales
+  count as stored. Works on float variables, QAT variables and converted variables alike, and on
+  trees of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` output).
+
+  Args:
+    variables: a Flax variables dict (``{"params": ..., "batch_stats": ..., ...}``).
+    collections: the collections to count (default: all but ``quant_export``).
+
+  Returns:
+    A :class:`SizeReport`, layers in first-seen order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from qatjax._size import model_size
+    >>> layer = QDense(4, config=QuantConfig())
+    >>> x = jnp.ones((2, 8))
+    >>> v = layer.init(jax.random.key(0), x)
+    >>> _, stats = layer.apply(v, x, mutable=["quant_stats"])
+    >>> qv = convert(layer, {**v, **stats}, x)
+    >>> model_size({"params": v["params"]}).total      # (8 * 4 + 4) * 4
+    144
+    >>> model_size(qv).total   # 32 int8 + (4 scales, 4 zero points, 4 kernel sums, 4 biases,
+    ...                        #  input scale, input zero point) * 4 bytes
+    104
+    >>> print(model_size({"params": v["params"]}).compare(model_size(qv)))
+    layer   float  quantized      %
+    ------  -----  ---------  -----
+    <root>  144 B      104 B  72.2%
+    total   144 B      104 B  72.2%
+  """
+  cols = [c for c in variables if c != EXPORT] if collections is None else list(collections)
+  layers: dict[str, LayerSize] = {}
+  for col in cols:
+    if col not in variables:
+      raise ValueError(f"model_size: collection {col!r} not in variables (has "
+                       f"{sorted(variables)})")
+    tree = variables[col]
+    flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: isinstance(v, QArray)) \
+        if hasattr(tree, "items") else {(): tree}
+    for path, leaf in flat.items():
+      name = "/".join(str(p) for p in path[:-1]) or "<root>"
+      leaf_name = path[-1] if path else col
+      cur = layers.get(name) or LayerSize(name)
+      if isinstance(leaf, QArray):
+        cur = cur._add(weight=_nbytes(leaf.values),
+                       quant=_nbytes(leaf.scale) + _nbytes(leaf.zero_point),
+                       n=math.prod(leaf.shape))
+      elif leaf_name in WEIGHT_LEAVES:
+        cur = cur._add(weight=_nbytes(leaf), n=_size(leaf))
+      elif leaf_name in QUANT_LEAVES:
+        cur = cur._add(quant=_nbytes(leaf))
+      else:
+        cur = cur._add(other=_nbytes(leaf))
+      layers[name] = cur
+  return SizeReport(tuple(layers.values()))
+
+
+def compare_sizes(baseline, other, names: tuple[str, str] = ("float", "quantized")) -> str:
+  """Side-by-side table of two models' sizes, ``other`` as a percentage of ``baseline``.
+
+  Args:
+    baseline: a :class:`SizeReport` or a variables dict (e.g. the float model's).
+    other: a :class:`SizeReport` or a variables dict (e.g. the converted one).
+    names: column titles.
+
+  Returns:
+    The table as text; one row per layer present in either model, and a total.
+  """
+  a = baseline if isinstance(baseline, SizeReport) else model_size(baseline)
+  b = other if isinstance(other, SizeReport) else model_size(other)
+  order = [lay.name for lay in a.layers] + [lay.name for lay in b.layers
+                                             if lay.name not in {x.name for x in a.layers}]
+  amap, bmap = {lay.name: lay.total for lay in a.layers}, {lay.name: lay.total for lay in b.layers}
+  pct = lambda x, y: f"{100.0 * y / x:.1f}%" if x and y is not None else "-"  # noqa: E731
+  rows = [(n, _fmt(amap[n]) if n in amap else "-", _fmt(bmap[n]) if n in bmap else "-",
+           pct(amap.get(n, 0), bmap.get(n))) for n in order]
+  rows.append(("total", _fmt(a.total), _fmt(b.total), pct(a.total, b.total)))
+  return _render(("layer", *names, "%"), rows)

@@ -1,0 +1,10 @@
+"""Deployment exports of converted models: StableHLO (``jax.export``) and ONNX (QDQ graphs).
+
+``export_onnx`` needs the optional ``onnx`` package (``pip install 'qatjax[export]'``); it is
+imported lazily.
+"""
+
+from qatjax.export._jax_export import export_stablehlo, load_stablehlo
+from qatjax.export._onnx import export_onnx
+
+__all__ = ["export_onnx", "export_stablehlo", "load_stablehlo"]

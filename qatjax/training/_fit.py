@@ -1,0 +1,153 @@
+"""``fit``: the epoch loop for examples (shuffling, progress bar, evaluation, metrics, plots)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from qatjax.training._data import check_arrays, iterate_batches
+from qatjax.training._evaluate import evaluate
+from qatjax.training._plots import plot_history, plot_quantization
+
+
+def _is_arrays(data) -> bool:
+  return (isinstance(data, (tuple, list)) and len(data) > 0
+          and all(isinstance(a, (np.ndarray, jax.Array)) for a in data))
+
+
+def _batch_len(batch) -> int | None:
+  leaves = jax.tree_util.tree_leaves(batch[0] if isinstance(batch, (tuple, list)) else batch)
+  return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else None
+
+
+def _mean_metrics(collected: list[dict]) -> dict[str, float]:
+  if not collected:
+    return {}
+  host = jax.device_get(collected)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def fit(state, train_data, *, epochs: int, batch_size: int, train_step: Callable,
+        eval_step: Callable | None = None, eval_data=None, rng, progress: bool = True,
+        plot_dir: str | None = None) -> tuple[Any, list[dict[str, float]]]:
+  """Trains ``state`` for ``epochs`` epochs; returns ``(state, history)``.
+
+  Every batch has exactly ``batch_size`` rows (the last incomplete one is dropped), so the train
+  step compiles once. With numpy arrays the rows are shuffled each epoch with
+  ``fold_in(rng, epoch)``, where the epoch number continues from ``state.step`` (a run resumed
+  from a checkpoint at an epoch boundary sees the same batches as an uninterrupted one).
+
+  Args:
+    state: a :class:`TrainState`.
+    train_data: ``(x, y)`` numpy arrays; or an iterable of ``(x, y)`` batches (a list is reused
+      every epoch; a one-shot iterator only allows ``epochs=1``); or ``epoch -> iterable``.
+    epochs: number of epochs to run in this call.
+    batch_size: rows per batch.
+    train_step: from :func:`make_train_step` (``mode="ptq"`` calibrates instead of training).
+    eval_step: from :func:`make_eval_step`; required with ``eval_data``.
+    eval_data: ``(x, y)`` numpy arrays evaluated after every epoch (every example counts).
+    rng: PRNG key (or int seed) for shuffling; ``None``: no shuffling.
+    progress: show a tqdm progress bar with the running loss / accuracy.
+    plot_dir: if set, write ``loss.png``, ``accuracy.png`` (metric curves) and, for a quantized
+      model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
+
+  Returns:
+    ``(state, history)``: ``history`` has one dict per epoch: ``epoch`` (1-based, continuing
+    from ``state.step``), ``step``, ``seconds``, ``train_loss``, ``train_accuracy`` and, with
+    ``eval_data``, ``eval_loss``, ``eval_accuracy``.
+
+  Raises:
+    ValueError: bad ``epochs`` / ``batch_size``, fewer rows than ``batch_size``, ``eval_data``
+      without ``eval_step``, a one-shot iterator with ``epochs > 1``, an epoch with no full batch.
+
+  Example:
+    >>> import numpy as np, optax
+    >>> from qatjax import QDense, QuantConfig
+    >>> from qatjax.training import create_train_state, fit, make_train_step
+    >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> s = create_train_state(QDense(2, config=QuantConfig()), optax.adam(1e-2),
+    ...                        jax.random.key(0), x[:1])
+    >>> s, hist = fit(s, (x, y), epochs=2, batch_size=8, train_step=make_train_step(),
+    ...               rng=jax.random.key(1), progress=False)
+    >>> [h["epoch"] for h in hist], int(s.step)
+    ([1, 2], 8)
+  """
+  from tqdm.auto import tqdm  # optional dependency
+
+  if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if eval_data is not None and eval_step is None:
+    raise ValueError("eval_data needs an eval_step (make_eval_step())")
+  if eval_data is not None:
+    check_arrays(eval_data, "eval_data")
+  rng = jax.random.key(rng) if isinstance(rng, int) else rng
+
+  arrays, steps_per_epoch, source = None, None, None
+  if _is_arrays(train_data):
+    arrays = check_arrays(train_data, "train_data")
+    steps_per_epoch = arrays[0].shape[0] // batch_size
+    if steps_per_epoch == 0:
+      raise ValueError(f"train_data has {arrays[0].shape[0]} rows, fewer than batch_size="
+                       f"{batch_size}")
+  elif callable(train_data):
+    source = train_data
+  elif isinstance(train_data, Iterable):
+    if iter(train_data) is train_data and epochs > 1:
+      raise ValueError("train_data is a one-shot iterator: pass a list, a callable "
+                       "epoch -> iterable, or (x, y) arrays to train more than one epoch")
+    source = lambda epoch: train_data  # noqa: E731
+  else:
+    raise ValueError(f"train_data must be (x, y) arrays, an iterable of batches or a callable, "
+                     f"got {type(train_data).__name__}")
+
+  start_epoch = int(jax.device_get(state.step)) // steps_per_epoch if steps_per_epoch else 0
+  history: list[dict[str, float]] = []
+  example = None
+  for e in range(epochs):
+    epoch = start_epoch + e
+    if arrays is not None:
+      key = None if rng is None else jax.random.fold_in(rng, epoch)
+      batches = iterate_batches(arrays, batch_size, rng=key)
+    else:
+      batches = source(epoch)
+    every = max(1, (steps_per_epoch or 200) // 20)
+    t0 = time.perf_counter()
+    collected = []
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not progress,
+              unit="step", dynamic_ncols=True) as bar:
+      for batch in batches:
+        if _batch_len(batch) != batch_size:
+          continue  # incomplete (last) batch: a new shape would compile the step again
+        if example is None:
+          example = batch[0]
+        state, metrics = train_step(state, batch)
+        collected.append(metrics)
+        bar.update(1)
+        if progress and len(collected) % every == 0:
+          bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()})
+      if not collected:
+        raise ValueError(f"epoch {epoch + 1}: train_data yielded no batch of batch_size="
+                         f"{batch_size} rows")
+      entry = {"epoch": epoch + 1, "step": int(jax.device_get(state.step))}
+      entry.update({f"train_{k}": v for k, v in _mean_metrics(collected).items()})
+      if eval_data is not None:
+        scores = evaluate(state, eval_data, batch_size=batch_size, eval_step=eval_step)
+        entry.update({f"eval_{k}": v for k, v in scores.items() if k != "count"})
+      entry["seconds"] = time.perf_counter() - t0
+      if progress:
+        bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items()
+                         if k.startswith(("train_", "eval_"))})
+    history.append(entry)
+
+  if plot_dir is not None:
+    plot_history(history, plot_dir)
+    if state.quant_stats and example is not None:
+      kwargs = getattr(eval_step if eval_step is not None else train_step, "apply_kwargs", None)
+      plot_quantization(state, example, plot_dir, apply_kwargs=kwargs)
+  return state, history

@@ -1,0 +1,259 @@
+"""``make_train_step`` / ``make_eval_step``: pure, jit-compiled QAT (or PTQ) and eval steps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from qatjax.training._parallel import batch_sharding, replicate, replicated, shard_batch
+from qatjax.training._schedule import QATSchedule
+from qatjax.training._state import STATE_COLLECTIONS
+
+MODES = ("qat", "ptq")
+
+
+def cross_entropy(logits, labels):
+  """Per-example softmax cross-entropy with integer labels (the default ``loss_fn``).
+
+  Example:
+    >>> from qatjax.training import cross_entropy
+    >>> [round(float(v), 4) for v in cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))]
+    [1.3863, 1.3863]
+  """
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _per_example(values, n):
+  values = jnp.asarray(values, jnp.float32)
+  return values.reshape(n, -1).mean(axis=-1) if values.ndim > 1 else values
+
+
+def _accuracy(out, labels):
+  """Per-example accuracy, or ``None`` when the outputs / labels are not a classification."""
+  if not isinstance(out, jax.Array) or out.ndim < 1:
+    return None
+  labels = jnp.asarray(labels)
+  if jnp.issubdtype(labels.dtype, jnp.integer) and out.ndim == labels.ndim + 1:
+    return jnp.argmax(out, axis=-1) == labels
+  if labels.shape == out.shape and jnp.issubdtype(labels.dtype, jnp.floating):  # one-hot
+    return jnp.argmax(out, axis=-1) == jnp.argmax(labels, axis=-1)
+  return None
+
+
+def loss_and_metrics(loss_fn, out, labels, mask=None):
+  """``(loss, {"loss", "accuracy"})``; ``mask`` (per example, 0 = padding) weights the means."""
+  n = jnp.shape(labels)[0]
+  w = jnp.ones((n,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+  total = jnp.maximum(jnp.sum(w), 1.0)
+  per = jnp.asarray(loss_fn(out, labels), jnp.float32)
+  loss = per if per.ndim == 0 else jnp.sum(_per_example(per, n) * w) / total
+  metrics = {"loss": loss}
+  acc = _accuracy(out, labels)
+  if acc is not None:
+    metrics["accuracy"] = jnp.sum(_per_example(acc, n) * w) / total
+  return loss, metrics
+
+
+class Step:
+  """A compiled step, called as ``step(state, batch)``; made by :func:`make_train_step` or
+  :func:`make_eval_step`.
+
+  Attributes:
+    jitted: the ``jax.jit`` function (``jitted.lower(...)``, ``jitted._cache_size()``).
+    mesh: the data-parallel mesh, or ``None``.
+    apply_kwargs: keyword arguments passed to ``model.apply``.
+    schedule: the :class:`QATSchedule`, or ``None``.
+    mode: ``"qat"``, ``"ptq"`` or ``"eval"``.
+
+  Example:
+    >>> import optax
+    >>> from qatjax import QDense
+    >>> from qatjax.training import create_train_state, make_train_step
+    >>> step = make_train_step()
+    >>> s = create_train_state(QDense(2), optax.sgd(0.1), jax.random.key(0), jnp.ones((1, 3)))
+    >>> for _ in range(3):
+    ...   s, _ = step(s, (jnp.ones((4, 3)), jnp.zeros(4, jnp.int32)))
+    >>> step.mode, step.jitted._cache_size()  # one compilation for three steps
+    ('qat', 1)
+  """
+
+  def __init__(self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len):
+    self.jitted = jitted
+    self.mesh = mesh
+    self.apply_kwargs = apply_kwargs
+    self.schedule = schedule
+    self.mode = mode
+    self._max_len = max_len
+
+  def __repr__(self):
+    return f"Step(mode={self.mode!r}, schedule={self.schedule!r}, mesh={self.mesh!r})"
+
+  def __call__(self, state, batch):
+    if not isinstance(batch, (tuple, list)) or not 2 <= len(batch) <= self._max_len:
+      allowed = "(inputs, labels)" + (" or (inputs, labels, mask)" if self._max_len == 3 else "")
+      raise ValueError(f"batch must be a tuple {allowed}, got {type(batch).__name__}"
+                       + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    batch = tuple(batch)  # a list and a tuple would be two jit cache entries
+    if self.mesh is not None:
+      state = replicate(self.mesh, state)
+      batch = shard_batch(self.mesh, batch)
+    return self.jitted(state, batch)
+
+
+def _check_common(schedule, apply_kwargs, mesh):
+  if schedule is not None and not isinstance(schedule, QATSchedule):
+    raise ValueError(f"schedule must be a QATSchedule or None, got {schedule!r}")
+  kw = dict(apply_kwargs or {})
+  clash = sorted({"mutable", "rngs"} & set(kw))
+  if clash:
+    raise ValueError(f"apply_kwargs may not set {clash}: the step chooses them")
+  if mesh is not None and not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {mesh!r}")
+  return kw
+
+
+def _jit(fn, mesh, out_state: bool, donate: bool):
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=donate_argnums)
+  rep = replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, batch_sharding(mesh)),
+                 out_shardings=(rep, rep) if out_state else rep, donate_argnums=donate_argnums)
+
+
+def make_train_step(loss_fn: Callable | None = None, schedule: QATSchedule | None = None, *,
+                    mode: str = "qat", apply_kwargs: Mapping[str, Any] | None = None,
+                    rng=None, mesh: Mesh | None = None, donate: bool = False) -> Step:
+  """A jit-compiled ``train_step(state, (inputs, labels)) -> (new_state, metrics)``.
+
+  One step applies the model with the state's collections that change in training
+  (``quant_stats`` and ``batch_stats``, those the model has) mutable, takes the gradient of the
+  mean loss with respect to ``params`` (weights and learned scales), applies the optimizer and
+  increments ``state.step``. With a ``schedule`` the quantization flags are first set from the
+  traced ``state.step`` (no recompilation across phases). It compiles once per batch shape.
+
+  ``mode="ptq"`` is post-training quantization with the same call: the step runs the forward
+  pass with only ``quant_stats`` mutable (the observers calibrate) and no gradient step;
+  ``params``, ``opt_state`` and ``batch_stats`` are returned bitwise unchanged and ``step`` still
+  counts batches (so a schedule can freeze observers after N calibration batches). Switching
+  ``mode`` is the one change between a PTQ and a QAT run.
+
+  Args:
+    loss_fn: ``loss_fn(outputs, labels)`` returning per-example losses (or their mean); default
+      :func:`cross_entropy` (integer labels).
+    schedule: a :class:`QATSchedule`, or ``None`` to keep the flags the state holds.
+    mode: ``"qat"`` (train) or ``"ptq"`` (calibrate only).
+    apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": True}``).
+    rng: a PRNG key; if given, ``rngs={"dropout": fold_in(rng, step)}`` is passed to the model
+      (deterministic, so a resumed run draws the same masks).
+    mesh: a data-parallel mesh (:func:`data_mesh`): the state is replicated, the batch sharded
+      along axis 0, and the program compiled with these shardings (multi-host: see the
+      ``qatjax.training`` package notes).
+    donate: donate the input state's buffers (saves memory; the old state is then invalid).
+
+  Returns:
+    A :class:`Step`. ``metrics`` holds ``loss`` and, for classification outputs, ``accuracy``.
+
+  Raises:
+    ValueError: a bad ``mode`` / ``schedule`` / ``apply_kwargs``; when called, a batch that is
+      not ``(inputs, labels)`` or whose size does not divide the mesh's device count;
+      ``mode="ptq"`` or a schedule with a float model.
+
+  Example:
+    >>> import optax
+    >>> from qatjax import QDense, QuantConfig
+    >>> from qatjax.training import create_train_state, make_train_step
+    >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> state = create_train_state(QDense(2, config=QuantConfig()), optax.sgd(0.1),
+    ...                            jax.random.key(0), x)
+    >>> state, metrics = make_train_step()(state, (x, y))
+    >>> int(state.step), sorted(metrics)
+    (1, ['accuracy', 'loss'])
+  """
+  loss_fn = cross_entropy if loss_fn is None else loss_fn
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  kw = _check_common(schedule, apply_kwargs, mesh)
+
+  def step(state, batch):
+    x, y = batch
+    variables = state.variables
+    if schedule is not None:
+      variables = schedule.apply(variables, state.step)
+    rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, state.step)}
+    if mode == "ptq":
+      if "quant_stats" not in variables:
+        raise ValueError("mode='ptq' needs a quantized model: the state has no quant_stats")
+      out, upd = state.apply_fn(variables, x, mutable=["quant_stats"], rngs=rngs, **kw)
+      _, metrics = loss_and_metrics(loss_fn, out, y)
+      return state.replace(step=state.step + 1, quant_stats=upd["quant_stats"]), metrics
+
+    mutable = [c for c in STATE_COLLECTIONS if c in variables]
+
+    def objective(params):
+      v = {**variables, "params": params}
+      if mutable:
+        out, upd = state.apply_fn(v, x, mutable=mutable, rngs=rngs, **kw)
+      else:
+        out, upd = state.apply_fn(v, x, rngs=rngs, **kw), {}
+      loss, metrics = loss_and_metrics(loss_fn, out, y)
+      return loss, (metrics, upd)
+
+    (_, (metrics, upd)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, **{c: upd[c] for c in mutable}), metrics
+
+  return Step(_jit(step, mesh, True, donate), mesh=mesh, apply_kwargs=kw, schedule=schedule,
+              mode=mode, max_len=2)
+
+
+def make_eval_step(loss_fn: Callable | None = None, schedule: QATSchedule | None = None, *,
+                   apply_kwargs: Mapping[str, Any] | None = None,
+                   mesh: Mesh | None = None) -> Step:
+  """A jit-compiled ``eval_step(state, (inputs, labels[, mask])) -> metrics``.
+
+  The model runs with every collection immutable: observers use their stored statistics, as
+  the deployed model will. ``mask`` (1 = real example, 0 = padding) lets a last, padded batch
+  keep the compiled shape; the metrics are means over the real examples and ``count`` is their
+  number (a ``loss_fn`` that returns a scalar mean cannot be masked: its value is used as is).
+
+  Args:
+    loss_fn: as in :func:`make_train_step`.
+    schedule: if given, the flags are set from ``state.step`` as the next train step would.
+    apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": False}``).
+    mesh: a data-parallel mesh, as in :func:`make_train_step`.
+
+  Returns:
+    A :class:`Step` returning ``{"loss", "accuracy" (classification), "count"}``.
+
+  Example:
+    >>> import optax
+    >>> from qatjax import QDense
+    >>> from qatjax.training import create_train_state, make_eval_step
+    >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> state = create_train_state(QDense(2), optax.sgd(0.1), jax.random.key(0), x)
+    >>> m = make_eval_step()(state, (x, y, jnp.array([1, 1, 1, 0])))
+    >>> float(m["count"])
+    3.0
+  """
+  loss_fn = cross_entropy if loss_fn is None else loss_fn
+  kw = _check_common(schedule, apply_kwargs, mesh)
+
+  def step(state, batch):
+    x, y = batch[0], batch[1]
+    mask = batch[2] if len(batch) == 3 else None
+    variables = state.variables
+    if schedule is not None:
+      variables = schedule.apply(variables, state.step)
+    out = state.apply_fn(variables, x, **kw)
+    _, metrics = loss_and_metrics(loss_fn, out, y, mask)
+    n = jnp.shape(y)[0]
+    metrics["count"] = (jnp.float32(n) if mask is None
+                        else jnp.sum(jnp.asarray(mask, jnp.float32)))
+    return metrics
+
+  return Step(_jit(step, mesh, False, False), mesh=mesh, apply_kwargs=kw, schedule=schedule,
+              mode="eval", max_len=3)

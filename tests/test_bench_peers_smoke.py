@@ -1,0 +1,53 @@
+"""Smoke test: benchmarks/bench_peers.py --quick runs end to end on digits (needs qwix and aqtp)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("qwix")
+pytest.importorskip("aqt.jax.v2.flax.aqt_flax")
+pytest.importorskip("sklearn")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_peers_quick(tmp_path):
+  out = tmp_path / "peers.json"
+  # Compile cheaply: the smoke run is all compilation (a few steps per variant).
+  env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
+         "--xla_llvm_disable_expensive_passes=true", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--quick",
+                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["config"]["quick"] is True
+  assert res["machine"]["cpu_count"] and res["machine"]["versions"]["jax"]
+
+  timing = {t["arch"]: {r["name"]: r for r in t["rows"]} for t in res["timing"]}
+  assert set(timing) == {"mlp", "cnn"}
+  for arch, rows in timing.items():
+    assert rows["float"]["ratio_vs_float"] == 1.0
+    for name in ("qatjax W8A8 observer", "qwix W8A8"):
+      assert rows[name]["median_ms"] > 0, (arch, name)
+      # really quantized: the logits differ from float's on the same weights
+      assert rows[name]["max_abs_logit_diff_vs_float"] > 0, (arch, name)
+  assert timing["mlp"]["AQT W8A8"]["median_ms"] > 0
+  assert timing["cnn"]["AQT W8A8 (conv QAT)"]["error"].startswith("not supported")
+  assert all(t["float_unchanged_after_peers"] for t in res["timing"])
+
+  acc = res["accuracy"]
+  assert acc["dataset"] == "digits"
+  rows = {(r["lib"], r["method"], r["bits"]): r for r in acc["rows"]}
+  assert 0.0 <= rows[("flax", "float", None)]["accuracy"] <= 1.0
+  assert 0.0 <= rows[("qatjax", "lsq", 2)]["accuracy"] <= 1.0
+  assert 0.0 <= rows[("qwix", "QtProvider, static act", 8)]["accuracy"] <= 1.0
+  # every row has a number or a recorded reason
+  assert all(("accuracy" in r) != ("error" in r) for r in acc["rows"])
+
+  md = out.with_suffix(".md").read_text()
+  assert "| library | method |" in md and "quick smoke mode" in md

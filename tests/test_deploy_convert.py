@@ -1,0 +1,244 @@
+"""Converted variables: integer storage, int4 packing, the integer kernels, sizes, convert errors."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qatjax import QArray, QConv, QConvBN, QDense, QuantConfig, convert, pack_int4, qrange, \
+    unpack_int4
+from qatjax._int_ops import int_dot, int_dot_kernel
+from qatjax._size import compare_sizes, model_size
+
+
+class Net(nn.Module):
+  """Conv + ConvBN + dense: every converted layer kind."""
+  cfg: QuantConfig
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(QConvBN(6, (3, 3), config=self.cfg)(x, use_running_average=not train))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(QConv(8, (3, 3), padding="VALID", config=self.cfg)(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(QDense(17, config=self.cfg)(x))
+    return QDense(5, config=self.cfg)(x)
+
+
+def calibrated(model, x, **kw):
+  v = model.init(jax.random.key(1), x, **kw)
+  _, upd = model.apply(v, x, mutable=["quant_stats", "batch_stats"], **kw)
+  return {**v, **upd}
+
+
+CONFIGS = {
+    "int8": QuantConfig(),
+    "int4": QuantConfig(weight_bits=4),
+    "int3_lsq": QuantConfig(weight_bits=3, method="lsq"),
+    "int6_tensor": QuantConfig(weight_bits=6, weight_granularity="per_tensor"),
+    "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
+    "pact4": QuantConfig(act_bits=4, pact=True, pact_init=2.0),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def converted(request):
+  cfg = CONFIGS[request.param]
+  model = Net(cfg)
+  x = jax.random.normal(jax.random.key(0), (8, 12, 12, 1))
+  v = calibrated(model, x, train=True)
+  return cfg, model, v, convert(model, v, x), x
+
+
+def qarrays(tree):
+  return [leaf for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda a: isinstance(a, QArray))
+          if isinstance(leaf, QArray)]
+
+
+def test_kernels_are_stored_as_integers_in_range(converted):
+  cfg, _, _, qv, _ = converted
+  qmin, qmax = cfg.weight_range
+  kernels = qarrays(qv)
+  assert len(kernels) == 4
+  for qa in kernels:
+    n = math.prod(qa.shape)
+    if cfg.weight_bits <= 4:  # two values per byte, flat
+      assert qa.values.dtype == jnp.uint8 and qa.values.shape == ((n + 1) // 2,)
+    else:
+      assert qa.values.dtype == jnp.int8 and qa.values.size == n
+    q = np.asarray(qa.unpack())
+    assert q.dtype == np.int8 and q.shape == qa.shape
+    assert q.min() >= qmin and q.max() <= qmax
+    assert qmin >= qrange(cfg.weight_bits)[0] and qmax <= qrange(cfg.weight_bits)[1]
+    assert qa.bits == cfg.weight_bits
+  # dense kernels are stored (N, K) for the int8 matmul; logical shape unchanged
+  dense = qv["params"]["QDense_0"]["kernel"]
+  assert dense.perm == (1, 0) or dense.group_size is not None
+  assert dense.shape == (8 * 4 * 4, 17) and dense.unpack().shape == dense.shape
+
+
+def test_integer_inference_matches_fake_quant(converted):
+  """Random inputs: the integer path computes the fake-quant model's values (float rounding only,
+  plus rare one-step flips of an activation exactly on a rounding boundary)."""
+  _, model, v, qv, x = converted
+  x = jax.random.normal(jax.random.key(7), (64,) + x.shape[1:])
+  y_fq, y_int = np.asarray(model.apply(v, x)), np.asarray(model.apply(qv, x))
+  assert (y_fq.argmax(-1) == y_int.argmax(-1)).mean() >= 0.98
+  close = np.abs(y_fq - y_int) <= 1e-5 * np.abs(y_fq).max() + 1e-6
+  assert close.mean() >= 0.95, np.abs(y_fq - y_int).max()
+
+
+def test_pact_layers_keep_their_input_quantizer():
+  """Regression: convert used to drop PACT layers' input clip + quantization."""
+  model = nn.Sequential([QDense(16, config=QuantConfig(act_bits=4, pact=True, pact_init=0.5)),
+                         QDense(3, config=QuantConfig(act_bits=4, pact=True, pact_init=0.5))])
+  x = 3 * jax.random.normal(jax.random.key(0), (32, 6))
+  v = model.init(jax.random.key(1), x)
+  qv = convert(model, v, x)
+  assert "input_scale" in qv["params"]["layers_0"]
+  np.testing.assert_allclose(model.apply(qv, x), model.apply(v, x), atol=1e-5)
+
+
+def test_convert_never_calibrated_names_the_layer():
+  model = nn.Sequential([QDense(4, config=None), QDense(3, config=QuantConfig())])
+  x = jnp.ones((2, 5))
+  v = model.init(jax.random.key(0), x)  # no calibration pass
+  with pytest.raises(ValueError, match="layers_1"):
+    convert(model, v, x)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 33])
+def test_int4_packing_round_trips(n):
+  q = np.random.default_rng(n).integers(-8, 8, size=n).astype(np.int8)
+  packed = pack_int4(jnp.asarray(q))
+  assert packed.dtype == jnp.uint8 and packed.shape == ((n + 1) // 2,)
+  np.testing.assert_array_equal(unpack_int4(packed, (n,)), q)
+
+
+@pytest.mark.parametrize("shape,perm", [((3, 5), None), ((3, 5), (1, 0)), ((5, 7), (1, 0)),
+                                        ((2, 3, 3), (2, 0, 1))])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_qarray_storage_order_round_trips(shape, perm, bits):
+  lo, hi = qrange(bits)
+  q = np.random.default_rng(0).integers(lo, hi + 1, size=shape).astype(np.int8)
+  qa = QArray.create(q, jnp.float32(0.5), bits=bits, perm=perm)
+  np.testing.assert_array_equal(qa.unpack(), q)
+  np.testing.assert_array_equal(qa.dequantize(), q * 0.5)
+  if perm is not None:
+    np.testing.assert_array_equal(qa.stored(), np.transpose(q, perm))
+  assert qa.with_perm(None).unpack().tolist() == q.tolist()
+  with pytest.raises(ValueError, match="perm"):
+    QArray.create(q, 1.0, bits=bits, perm=(0,) * len(shape))
+
+
+@pytest.mark.parametrize("k", [6, 7])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_dot_kernel_is_bitwise_the_reference(k, bits):
+  """The (N, K)-stored kernel path (incl. the nibble split for int4) gives the same int32."""
+  rng = np.random.default_rng(k)
+  lo, hi = qrange(bits, narrow=True)
+  q = rng.integers(lo, hi + 1, size=(k, 5)).astype(np.int8)
+  zx = jnp.int32(-17)
+  ksum = jnp.asarray(q.astype(np.int32).sum(0))
+  for shape in [(2, 3, k), (1, k), (k,), (70, k)]:  # 1 row: padded; <= 64 rows: (W @ x.T).T
+    qx = jnp.asarray(rng.integers(-128, 128, size=shape).astype(np.int8))
+    ref = int_dot(qx, zx, jnp.asarray(q), ksum, 1)
+    for perm in (None, (1, 0)):
+      qa = QArray.create(q, jnp.ones((1, 5)), bits=bits, perm=perm)
+      got = jax.jit(int_dot_kernel)(qx, zx, qa, ksum)
+      assert got.dtype == jnp.int32 and got.shape == shape[:-1] + (5,)
+      np.testing.assert_array_equal(got, ref)
+
+
+# --- model_size ----------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+  sizes: tuple
+  cfg: QuantConfig | None
+
+  @nn.compact
+  def __call__(self, x):
+    for i, n in enumerate(self.sizes):
+      x = QDense(n, config=self.cfg)(x)
+      x = nn.relu(x) if i < len(self.sizes) - 1 else x
+    return x
+
+
+def expected_bytes(dims, bits):
+  """Bytes from shapes: float32 kernel + bias, or the converted layout per layer."""
+  total = 0
+  for k, n in zip(dims[:-1], dims[1:]):
+    if bits is None:
+      total += (k * n + n) * 4
+    else:
+      kernel = k * n if bits > 4 else (k * n + 1) // 2
+      # + per-channel scale and zero point, kernel_sum, bias (4 x n float32/int32), input s / z
+      total += kernel + 4 * 4 * n + 2 * 4
+  return total
+
+
+@pytest.mark.parametrize("bits,goal", [(8, 0.26), (4, 0.14)])
+def test_model_size_mnist_mlp(bits, goal):
+  dims = (784, 512, 512, 10)
+  x = jnp.zeros((2, 784))
+  fv = jax.eval_shape(lambda: MLP(dims[1:], None).init(jax.random.key(0), x))
+  model = MLP(dims[1:], QuantConfig(weight_bits=bits))
+  qv = convert(model, calibrated(model, jax.random.normal(jax.random.key(0), (4, 784))), x)
+  f, q = model_size(fv), model_size(qv)
+  assert f.total == expected_bytes(dims, None) == 2_678_824
+  assert q.total == expected_bytes(dims, bits)
+  assert q["QDense_0"].weight_bytes == (784 * 512 if bits == 8 else 784 * 256)
+  assert q["QDense_0"].quant_bytes == 3 * 4 * 512 + 8  # scale, zero point, kernel_sum, s/z in
+  assert q["QDense_0"].other_bytes == 4 * 512  # bias
+  assert q.ratio(f) <= goal, q.ratio(f)
+  table = f.compare(q)
+  assert "QDense_0" in table and f"{100 * q.ratio(f):.1f}%" in table.splitlines()[-1]
+  assert "total" in str(q) and str(q.total) in str(q)
+
+
+def test_model_size_cnn_counts_every_leaf():
+  model = Net(QuantConfig())
+  x = jax.random.normal(jax.random.key(0), (4, 12, 12, 1))
+  v = calibrated(model, x, train=True)
+  qv = convert(model, v, x)
+  float_vars = {"params": v["params"], "batch_stats": v["batch_stats"]}
+  f, q = model_size(float_vars), model_size(qv)
+  leaves = lambda t: sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(t))  # noqa: E731
+  assert f.total == leaves(float_vars)
+  conv_bn = q["QConvBN_0"]  # kernel 3*3*1*6 int8; scale, zp, kernel_sum, folded bias; s/z in
+  assert (conv_bn.weight_bytes, conv_bn.quant_bytes, conv_bn.other_bytes) == (54, 3 * 24 + 8, 24)
+  assert f["QConvBN_0"].total == 54 * 4 + 4 * 6 * 4  # kernel, bn scale/bias, mean/var
+  assert q.total < f.total / 3
+  assert "QConvBN_0" in compare_sizes(float_vars, qv, ("f32", "int8"))
+  with pytest.raises(ValueError, match="collection"):
+    model_size(qv, collections=["nope"])
+
+
+@pytest.mark.parametrize("cin,groups,strides,lhs_dil,rhs_dil", [
+    (1, 1, (1, 1), (1, 1), (1, 1)), (3, 1, (2, 2), (1, 1), (2, 1)), (4, 4, (1, 1), (1, 1), (1, 1)),
+    (2, 1, (1, 1), (2, 2), (1, 1)), (8, 1, (1, 1), (1, 1), (1, 1))])
+def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_dil, rhs_dil):
+  """Few-channel convs run exactly in float32 on CPU: same integers as the int32 conv."""
+  from jax import lax
+  from qatjax._int_ops import int_conv
+
+  rng = np.random.default_rng(cin)
+  qx = jnp.asarray(rng.integers(-128, 128, size=(2, 9, 8, cin)).astype(np.int8))
+  qw = jnp.asarray(rng.integers(-128, 128, size=(3, 3, cin // groups, 8)).astype(np.int8))
+  zx = jnp.int32(77)
+  ksum = jnp.sum(qw.astype(jnp.int32), axis=(0, 1, 2))
+  pads = [(1, 2), (0, 1)]
+  got = jax.jit(lambda a: int_conv(a, zx, qw, ksum, strides=strides, pads=pads,
+                                   lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+                                   feature_group_count=groups))(qx)
+  cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)] + [(0, 0, 0)]
+  padded = lax.pad(qx.astype(jnp.int32), jnp.int32(77), cfg)
+  ref = lax.conv_general_dilated(padded, qw.astype(jnp.int32), strides, "VALID",
+                                 rhs_dilation=rhs_dil, feature_group_count=groups,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) - zx * ksum
+  assert got.dtype == (jnp.float32 if cin // groups <= 4 else jnp.int32)
+  np.testing.assert_array_equal(np.asarray(got).astype(np.int64), np.asarray(ref))

@@ -1,0 +1,211 @@
+"""QDense / QDenseGeneral / QConv / QEmbed against their Flax counterparts.
+
+For every layer geometry and for ``config=None`` / observer / LSQ:
+  * the parameter tree is Flax's (plus only quantizer leaves), and init draws the same values;
+  * a float Flax checkpoint loads unchanged (params copied, quant_stats from init);
+  * with quantization disabled the output equals the Flax layer's bit for bit.
+
+Compilation dominates the cost of these tests on CPU, so initializers are cheap
+(``test_layers_helpers.cheap_init``), each layer's inits run in one jitted function, and the
+un-jitted variant runs on a representative subset.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qatjax
+from qatjax import QConv, QDense, QDenseGeneral, QEmbed, QuantConfig
+from test_layers_helpers import QUANTIZER_LEAVES, cheap_init
+
+VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
+
+CONFIGS = {
+    "float": None,
+    "observer_w8a8": QuantConfig(),
+    "lsq_w4a4_tensor": QuantConfig(4, 4, method="lsq", weight_granularity="per_tensor"),
+}
+
+
+def _dense(features, **kw):
+  kw.setdefault("kernel_init", cheap_init)
+  return (lambda: nn.Dense(features, **kw)), (lambda cfg: QDense(features, config=cfg, **kw))
+
+
+def _dg(features, **kw):
+  kw.setdefault("kernel_init", cheap_init)
+  return ((lambda: nn.DenseGeneral(features, **kw)),
+          (lambda cfg: QDenseGeneral(features, config=cfg, **kw)))
+
+
+def _conv(features, kernel_size, **kw):
+  kw.setdefault("kernel_init", cheap_init)
+  return ((lambda: nn.Conv(features, kernel_size, **kw)),
+          (lambda cfg: QConv(features, kernel_size, config=cfg, **kw)))
+
+
+# name -> (flax ctor, Q ctor, input shape); "embed*" layers take integer inputs.
+LAYERS = {
+    "dense": (*_dense(5), (3, 7)),
+    "dense_3d_input_no_bias": (*_dense(5, use_bias=False), (2, 3, 7)),
+    "dense_general_two_axes": (*_dg((2, 3), axis=(1, 2)), (2, 3, 4, 5)),
+    "dense_general_unsorted_axes": (*_dg((2, 3), axis=(-1, 1)), (2, 3, 4, 5)),
+    "dense_general_last": (*_dg(4), (3, 6)),
+    "conv1d": (*_conv(6, (3,)), (2, 9, 4)),
+    "conv1d_unbatched": (*_conv(6, 3), (9, 4)),
+    "conv1d_causal_kernel_dilation": (*_conv(6, (3,), padding="CAUSAL", kernel_dilation=2),
+                                      (2, 9, 4)),
+    "conv2d_same_stride2": (*_conv(6, (3, 3), strides=2), (2, 7, 6, 4)),
+    "conv2d_valid": (*_conv(6, (3, 2), padding="VALID"), (2, 7, 6, 4)),
+    "conv2d_explicit_input_dilation": (*_conv(6, (3, 3), padding=((1, 1), (0, 2)),
+                                              input_dilation=2), (2, 5, 4, 4)),
+    "conv2d_int_padding": (*_conv(6, (3, 3), padding=1), (2, 7, 6, 4)),
+    "conv2d_circular_kernel_dilation": (*_conv(6, (3, 3), padding="CIRCULAR",
+                                               kernel_dilation=(1, 2)), (2, 7, 6, 4)),
+    "conv2d_grouped": (*_conv(6, (3, 3), feature_group_count=2), (2, 7, 6, 4)),
+    "conv2d_depthwise": (*_conv(8, (3, 3), feature_group_count=4), (2, 7, 6, 4)),
+    "conv2d_two_batch_dims": (*_conv(6, (3, 3)), (2, 2, 5, 5, 4)),
+    "conv3d_strides": (*_conv(5, (2, 2, 2), strides=(1, 2, 1)), (2, 4, 5, 3, 2)),
+    "embed": ((lambda: nn.Embed(11, 4, embedding_init=cheap_init)),
+              (lambda cfg: QEmbed(11, 4, config=cfg, embedding_init=cheap_init)), (2, 5)),
+}
+
+# The un-jitted variant runs on these (one of each layer kind).
+EAGER_LAYERS = ("dense_general_two_axes", "conv2d_circular_kernel_dilation", "embed")
+
+
+def _input(name, shape, seed=1):
+  rng = np.random.default_rng(seed)
+  if name.startswith("embed"):
+    return jnp.asarray(rng.integers(0, 11, shape), jnp.int32)
+  return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+def _tree_sig(tree):
+  return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+
+
+def _checkpoint(shapes, seed=7):
+  """A 'trained' float checkpoint of the given tree shapes, drawn with numpy (no compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+
+
+def _check_tree_and_init(layer, fvars, qvars):
+  """Flax's params (shapes, dtypes, init values) plus quantizer state only."""
+  fp = fvars["params"]
+  assert set(fvars) == {"params"}
+  for name, cfg in CONFIGS.items():
+    qv = qvars[name]
+    qp = qv["params"]
+    # Flax's leaves with Flax's shapes and dtypes, and (same key) Flax's initial values: the Q
+    # layer draws its float params first, in Flax's order.
+    assert _tree_sig({k: qp[k] for k in fp}) == _tree_sig(fp), name
+    for k in fp:
+      np.testing.assert_array_equal(qp[k], fp[k], err_msg=f"{name}: {k}")
+    # ... plus quantizer leaves only (LSQ's learned scales; none for float and observers).
+    extra = set(qp) - set(fp)
+    if cfg is None:
+      assert set(qv) == {"params"} and not extra, name
+      continue
+    assert extra <= QUANTIZER_LEAVES, (name, extra)
+    assert bool(extra) == (cfg.method == "lsq"), name
+    # init creates no other state (in particular not convert's "quant_export").
+    assert set(qv) == {"params", "quant_stats"}, (name, sorted(qv))
+    stats = qv["quant_stats"]
+    for flag in ("enabled", "observe"):
+      assert stats[flag].dtype == jnp.bool_ and stats[flag].shape == () and bool(stats[flag])
+    observed = cfg.method == "observer" and not layer.startswith("embed")
+    assert ({"input_min", "input_max", "input_count"} <= set(stats)) == observed, name
+    if observed:  # init never calibrates
+      assert int(stats["input_count"]) == 0, name
+      assert float(stats["input_min"]) == float(stats["input_max"]) == 0.0, name
+
+
+CASES = [(layer, v) for layer in sorted(LAYERS)
+         for v in (["with_jit", "without_jit"] if layer in EAGER_LAYERS else ["with_jit"])]
+
+
+@pytest.mark.parametrize("layer,variant_name", CASES)
+def test_matches_flax_tree_checkpoint_and_disabled_output(layer, variant_name):
+  make_flax, make_q, shape = LAYERS[layer]
+  x = _input(layer, shape)
+  f = make_flax()
+  qs = {name: make_q(cfg) for name, cfg in CONFIGS.items()}
+  ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), x))
+
+  def run(ckpt, x):
+    fvars = f.init(jax.random.key(0), x)
+    qvars = {n: q.init(jax.random.key(0), x) for n, q in qs.items()}
+    out = {"flax": f.apply(ckpt, x)}
+    for name, q in qs.items():
+      if CONFIGS[name] is None:  # config=None: the float checkpoint is the whole variables dict
+        out[name] = q.apply(ckpt, x)
+        continue
+      # The checkpoint's params replace the Q layer's, unchanged; quantizer state from init.
+      v = {**qvars[name], "params": {**qvars[name]["params"], **ckpt["params"]}}
+      off = qatjax.set_quant_flags(v, enabled=False)
+      out[name] = (q.apply(off, x),
+                   q.apply(off, x, mutable=["quant_stats"])[0],  # observers update meanwhile
+                   q.apply(v, x, mutable=["quant_stats"])[0])   # enabled
+    return fvars, qvars, out
+
+  fvars, qvars, out = VARIANTS[variant_name](run)(ckpt, x)
+  _check_tree_and_init(layer, fvars, qvars)
+  y_flax = out["flax"]
+  for name in CONFIGS:
+    if CONFIGS[name] is None:
+      np.testing.assert_array_equal(out[name], y_flax, err_msg=name)
+      continue
+    y_eval, y_train, y_on = out[name]
+    np.testing.assert_array_equal(y_eval, y_flax, err_msg=name)
+    np.testing.assert_array_equal(y_train, y_flax, err_msg=name)
+    # Enabled, the layer does quantize (otherwise the equalities above would prove nothing).
+    assert not np.array_equal(y_on, y_flax), name
+    np.testing.assert_allclose(y_on, y_flax, atol=0.5 * float(jnp.abs(y_flax).max()),
+                               err_msg=name)
+
+
+def test_observer_params_tree_is_exactly_the_float_checkpoint():
+  make_flax, make_q, shape = LAYERS["conv2d_same_stride2"]
+  x = _input("conv", shape)
+  f, q = make_flax(), make_q(CONFIGS["observer_w8a8"])
+  ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), x))
+  qinit = jax.jit(q.init)(jax.random.key(0), x)
+  assert jax.tree.structure(ckpt["params"]) == jax.tree.structure(qinit["params"])
+  assert _tree_sig(ckpt["params"]) == _tree_sig(qinit["params"])
+  off = qatjax.set_quant_flags({**ckpt, "quant_stats": qinit["quant_stats"]}, enabled=False)
+  run = jax.jit(lambda off, ckpt, x: (q.apply(off, x), f.apply(ckpt, x)))
+  y_q, y_f = run(off, ckpt, x)
+  np.testing.assert_array_equal(y_q, y_f)
+
+
+@pytest.mark.parametrize("variant_name", sorted(VARIANTS))
+def test_embed_attend_matches_flax(variant_name):
+  make_flax, make_q, shape = LAYERS["embed"]
+  f, q = make_flax(), make_q(CONFIGS["observer_w8a8"])
+  ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), _input("embed", shape)))
+  qinit = jax.jit(q.init)(jax.random.key(0), _input("embed", shape))
+  query = _input("query", (3, 4))
+  want = f.apply(ckpt, query, method="attend")
+  attend = VARIANTS[variant_name](lambda v, q_: q.apply(v, q_, method="attend"))
+  on = {**ckpt, "quant_stats": qinit["quant_stats"]}
+  np.testing.assert_array_equal(attend(qatjax.set_quant_flags(on, enabled=False), query), want)
+  assert not np.array_equal(attend(on, query), want)
+  np.testing.assert_array_equal(QEmbed(11, 4).apply(ckpt, query, method="attend"), want)
+
+
+def test_dtype_and_precision_fields_are_honoured():
+  x = _input("conv", (2, 6, 6, 3))
+  kw = dict(dtype=jnp.bfloat16, precision=jax.lax.Precision.HIGHEST, kernel_init=cheap_init)
+  f = nn.Conv(4, (3, 3), **kw)
+  q = QConv(4, (3, 3), config=QuantConfig(), **kw)
+  fv = jax.jit(f.init)(jax.random.key(0), x)
+  qv = qatjax.set_quant_flags(jax.jit(q.init)(jax.random.key(0), x), enabled=False)
+  y = jax.jit(q.apply)(qv, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, jax.jit(f.apply)(fv, x))
