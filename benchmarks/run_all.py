@@ -23,7 +23,7 @@ def main():
       [HERE / "bench_fake_quant.py"],
       [HERE / "bench_layers.py"],
       [HERE / "bench_inference.py"],
-      [ROOT / "examples" / "mnist_qat.py", *data],
+      [ROOT / "examples" / "mnist_qat.py", *data, "--no-progress", "--out-dir", HERE / "results"],
       [HERE / "bench_peers.py", *data],
       [HERE / "update_readme.py"],
   ]

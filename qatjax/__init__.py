@@ -1,6 +1,8 @@
 """qatjax: quantization-aware training for JAX and Flax.
 
-The public API is re-exported here; modules starting with ``_`` are private.
+The public API is re-exported here; modules starting with ``_`` are private. Submodules with
+extra dependencies are imported explicitly: ``qatjax.training`` (orbax, tqdm, matplotlib),
+``qatjax.export`` (onnx, onnxruntime) and ``qatjax.datasets``.
 """
 
 from qatjax import calibration
@@ -17,11 +19,14 @@ from qatjax._model import (QuantizedModel, from_float, quantize_model, rules_rep
 from qatjax._qarray import QArray, pack_int4, unpack_int4
 from qatjax._quantize import dequantize, int_dtype, quantize
 from qatjax._ranges import EPS, qrange, scale_zero_point
+from qatjax._serialize import load_quantized, save_quantized
+from qatjax._size import LayerSize, SizeReport, compare_sizes, model_size
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EPS",
+    "LayerSize",
     "QAct",
     "QArray",
     "QConv",
@@ -32,15 +37,19 @@ __all__ = [
     "QuantConfig",
     "QuantRules",
     "QuantizedModel",
+    "SizeReport",
     "calibration",
+    "compare_sizes",
     "convert",
     "dequantize",
     "fake_quant",
     "from_float",
     "int_dtype",
+    "load_quantized",
     "lsq_fake_quant",
     "lsq_grad_scale",
     "lsq_init_scale",
+    "model_size",
     "pack_int4",
     "pact",
     "qrange",
@@ -48,6 +57,7 @@ __all__ = [
     "quantize_model",
     "rules",
     "rules_report",
+    "save_quantized",
     "scale_zero_point",
     "set_quant_flags",
     "unpack_int4",

@@ -7,6 +7,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from qatjax._config import QuantConfig, QuantRules, rules as make_rules
@@ -173,7 +174,16 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
     for path in want:
       if path not in have and path.rsplit("/", 1)[-1] not in QUANTIZER_LEAVES:
         raise ValueError(f"from_float: the float variables lack {col}/{path} (missing path)")
-  _, new = qmodel.apply(float_cols, *args, rngs={"params": rng}, mutable=True, **kwargs)
+  # Jitted: one compilation is much faster than running every quantizer's init eagerly.
+  is_array = [isinstance(a, (jax.Array, np.ndarray)) for a in args]
+
+  def init_quantizers(cols, arrays, key):
+    it = iter(arrays)
+    full = [next(it) if arr else a for a, arr in zip(args, is_array)]
+    return qmodel.apply(cols, *full, rngs={"params": key}, mutable=True, **kwargs)[1]
+
+  arrays = [a for a, arr in zip(args, is_array) if arr]
+  new = jax.jit(init_quantizers)(float_cols, arrays, rng)
   out = {c: new[c] for c in ref if c in new and c != EXPORT}
   for col, tree in float_cols.items():
     out[col] = traverse_util.unflatten_dict({**_flat(new[col]), **_flat(tree)}, sep="/")
