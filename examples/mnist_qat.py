@@ -227,8 +227,9 @@ def plot(res: dict, path: str) -> None:
   ax.axhline(100 * res["rows"][0]["float"], color="k", ls="--", label="float32")
   if tuned:
     ax.axhline(100 * tuned[0]["float"], color="gray", ls=":", label="float32 fine-tuned")
-  for key, name in (("ptq", "PTQ"), ("qat", "QAT"), ("int", "integer")):
-    ax.plot(bits, [100 * r[key] for r in rows], "o-", label=name)
+  for key, name, style in (("ptq", "PTQ", "o-"), ("qat", "QAT", "o-"),
+                           ("int", "integer (converted)", "x--")):
+    ax.plot(bits, [100 * r[key] for r in rows], style, label=name)
   ax.set_xlabel("bits (weights = activations)")
   ax.set_ylabel("test accuracy %")
   ax.set_xticks(sorted(set(bits)))
