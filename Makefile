@@ -19,7 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/run_all.py $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean:
 	rm -rf $(VENV) build *.egg-info
