@@ -14,7 +14,6 @@ Writes benchmarks/results/fake_quant.json and fake_quant.md (the README table).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import statistics
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import qatjax  # noqa: E402
+from _results import write_results  # noqa: E402
 
 QMIN, QMAX = -128, 127
 
@@ -122,17 +122,13 @@ def main():
     print(f"{r['name']:<28} {r['median_ms']:>10.3f} {r['ratio_to_copy']:>7.2f} "
           f"{r['min_ms']:>9.3f} {r['min_ratio_to_copy']:>7.2f} {r['kernels']:>8}{flag}")
 
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "fake_quant.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
   md = [f"({n}, {n}) float32, forward + backward (`jax.vjp`, cotangent applied), "
         f"{meta['backend']} ({meta['device']}), median of {args.repeats} runs; goal: within 2x "
         "of a jitted copy.", "",
         "| kernel | median ms | x copy (median) | min ms | x copy (min) |", "|---|---|---|---|---|"]
   md += [f"| {r['name']} | {r['median_ms']:.3f} | {r['ratio_to_copy']:.2f} | {r['min_ms']:.3f} | "
          f"{r['min_ratio_to_copy']:.2f} |" for r in rows]
-  (out / "fake_quant.md").write_text("\n".join(md) + "\n")
-  print(f"wrote {out / 'fake_quant.json'} and {out / 'fake_quant.md'}")
+  write_results(args.out, "fake_quant", dict(meta=meta, results=rows), "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import pathlib
 import platform
@@ -36,6 +35,7 @@ import numpy as np
 from qatjax import QArray, QConv, QDense, QuantConfig, convert
 from qatjax import _int_ops
 from qatjax._size import model_size
+from _results import write_results
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 GOALS = {"mnist_mlp": 1.2, "cnn": 1.2, "wide_mlp": 3.0}  # int8 speed-up over float32
@@ -177,11 +177,9 @@ def main():
           "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
           "load_average_1m": os.getloadavg()[0], "rounds": rounds,
           "date": time.strftime("%Y-%m-%d %H:%M")}
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
   md = render(rows, meta)
-  (RESULTS / "inference.md").write_text(md)
   print("\n" + md)
+  write_results(RESULTS, "inference", {"meta": meta, "results": rows}, md)
 
 
 def render(rows, meta):

@@ -22,7 +22,6 @@ Writes benchmarks/results/layers.json and layers.md (the README table).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -42,6 +41,7 @@ import optax  # noqa: E402
 
 import qatjax  # noqa: E402
 from qatjax import QConv, QDense, QuantConfig  # noqa: E402
+from _results import write_results  # noqa: E402
 
 VARIANTS = {
     "float32": None,
@@ -179,9 +179,6 @@ def main():
     print(f"{r['model']:<28} {r['variant']:<15} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} "
           f"{r['ratio_to_float']:>8.2f}{flag}{hlo}")
 
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "layers.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
   md = [f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
         f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
         f"cores), median over {args.repeats} interleaved rounds of {args.steps} consecutive "
@@ -190,8 +187,7 @@ def main():
         "| model | variant | median ms | x float32 |", "|---|---|---|---|"]
   md += [f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {r['ratio_to_float']:.2f} |"
          for r in rows]
-  (out / "layers.md").write_text("\n".join(md) + "\n")
-  print(f"wrote {out / 'layers.json'} and {out / 'layers.md'}")
+  write_results(args.out, "layers", dict(meta=meta, results=rows), "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import pathlib
 import platform
@@ -54,6 +53,7 @@ import optax  # noqa: E402
 import _peer_models as pm  # noqa: E402
 import qatjax  # noqa: E402
 from qatjax import datasets  # noqa: E402
+from _results import write_results  # noqa: E402
 
 AQT_CONV_NOTE = ("AqtConvGeneralDilated quantizes the forward pass only; its kernel and input "
                  "gradients are zero, so the conv layers cannot be fine-tuned (no conv QAT)")
@@ -457,14 +457,12 @@ def main(argv=None):
                                      float_reference=not (args.quick or args.no_float_reference))
   res["total_s"] = round(time.perf_counter() - t_start, 1)
 
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=2) + "\n")
   md = render_markdown(res)
-  out.with_suffix(".md").write_text(md + "\n")
   print()
   print(md)
-  print(f"wrote {out} and {out.with_suffix('.md')} ({res['total_s']} s)")
+  out = pathlib.Path(args.out)
+  write_results(out.parent, out.stem, res, md)
+  print(f"({res['total_s']} s)")
 
 
 if __name__ == "__main__":

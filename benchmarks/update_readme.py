@@ -1,28 +1,18 @@
-"""Regenerates the README's results section from benchmarks/results/*.json.
+"""Regenerates the README's results section from benchmarks/results/*.md.
 
 The README holds the tables between ``<!-- results:start -->`` and ``<!-- results:end -->``;
-nothing in them is typed by hand. Run after the benchmarks: ``python benchmarks/update_readme.py``.
+nothing in them is typed by hand: each benchmark writes its table to ``results/NAME.md`` (next
+to ``NAME.json``, see ``_results.py``) and this script pastes those files in. Run after the
+benchmarks: ``python benchmarks/update_readme.py``.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def _load(name):
-  path = RESULTS / name
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def _table(headers, rows):
-  out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-  out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(out)
 
 
 def _md_section(title, md_file, source):
