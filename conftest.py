@@ -1,10 +1,18 @@
-"""Doctest namespace: every public qatjax name, plus jax and jnp, as a user would import them."""
+"""Doctest namespace: every public qatjax name, plus jax and jnp, as a user would import them.
+
+The examples' data loaders (``examples/image_data.py``) are importable by the tests.
+"""
+
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import qatjax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "examples"))
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,7 @@ import numpy as np
 
 from qatjax import QArray, QConv, QDense, QuantConfig, convert
 from qatjax import _int_ops
-from qatjax._size import model_size
+from qatjax import model_size
 from _results import write_results
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

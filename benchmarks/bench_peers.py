@@ -44,6 +44,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # run as a script: import the checkout's qatjax
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "examples"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,7 +53,7 @@ import optax  # noqa: E402
 
 import _peer_models as pm  # noqa: E402
 import qatjax  # noqa: E402
-from qatjax import datasets  # noqa: E402
+import image_data as datasets  # noqa: E402
 from _results import write_results  # noqa: E402
 
 AQT_CONV_NOTE = ("AqtConvGeneralDilated quantizes the forward pass only; its kernel and input "

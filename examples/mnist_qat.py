@@ -36,7 +36,7 @@ import optax
 
 import qatjax
 from qatjax import QConvBN, QDense, QuantConfig
-from qatjax.datasets import load_digits, load_mnist
+from image_data import load_digits, load_mnist
 from qatjax.training import (QATSchedule, calibrate, create_train_state, evaluate, fit,
                              make_eval_step, make_optimizer, make_train_step)
 

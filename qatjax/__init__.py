@@ -1,28 +1,47 @@
 """qatjax: quantization-aware training for JAX and Flax.
 
-The public API is re-exported here; modules starting with ``_`` are private. Submodules with
-extra dependencies are imported explicitly: ``qatjax.training`` (orbax, tqdm, matplotlib),
-``qatjax.export`` (onnx, onnxruntime) and ``qatjax.datasets``.
+The public API is re-exported here (``__all__``). Submodules with extra dependencies load on
+first use: ``qatjax.training`` (orbax, tqdm, matplotlib) and ``qatjax.export`` (onnx). The
+packages ``core``, ``ops``, ``linen`` and ``model`` hold the implementation (see
+``docs/architecture.md``).
 """
 
+import importlib
+
 from qatjax import calibration
-from qatjax._act import QAct
-from qatjax._config import QuantConfig, QuantRules, rules
-from qatjax._conv import QConv
-from qatjax._conv_bn import QConvBN
-from qatjax._convert import convert
-from qatjax._dense import QDense, QDenseGeneral
-from qatjax._embed import QEmbed
-from qatjax._fake_quant import fake_quant, lsq_fake_quant, lsq_grad_scale, lsq_init_scale, pact
-from qatjax._model import (QuantizedModel, from_float, quantize_model, rules_report,
-                           set_quant_flags)
-from qatjax._qarray import QArray, pack_int4, unpack_int4
-from qatjax._quantize import dequantize, int_dtype, quantize
-from qatjax._ranges import EPS, qrange, scale_zero_point
-from qatjax._serialize import load_quantized, save_quantized
-from qatjax._size import LayerSize, SizeReport, compare_sizes, model_size
+from qatjax.core.config import QuantConfig
+from qatjax.core.fake_quant import fake_quant, lsq_fake_quant, lsq_grad_scale, lsq_init_scale, pact
+from qatjax.core.qarray import QArray, pack_int4, unpack_int4
+from qatjax.core.quantize import dequantize, int_dtype, quantize
+from qatjax.core.ranges import EPS, qrange, scale_zero_point
+from qatjax.core.rules import QuantRules, rules
+from qatjax.linen.act import QAct
+from qatjax.linen.conv import QConv
+from qatjax.linen.conv_bn import QConvBN
+from qatjax.linen.dense import QDense, QDenseGeneral
+from qatjax.linen.embed import QEmbed
+from qatjax.linen.quantize_model import QuantizedModel, quantize_model, rules_report
+from qatjax.model.convert import convert
+from qatjax.model.flags import set_quant_flags
+from qatjax.model.from_float import from_float
+from qatjax.model.serialize import load_quantized, save_quantized
+from qatjax.model.size import LayerSize, SizeReport, compare_sizes, model_size
 
 __version__ = "0.1.0"
+
+# Loaded on first attribute access (PEP 562): their optional dependencies stay optional.
+_LAZY_SUBMODULES = ("training", "export")
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    return importlib.import_module(f"qatjax.{name}")
+  raise AttributeError(f"module 'qatjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 __all__ = [
     "EPS",

@@ -1,6 +1,6 @@
 """Calibrators: pure functions that track the float range of a tensor (see ``_calibration``)."""
 
-from qatjax._calibration import (
+from qatjax.core.calibration import (
     CALIBRATORS,
     Calibrator,
     RangeState,

@@ -10,8 +10,8 @@ import pytest
 
 from qatjax import QArray, QConv, QConvBN, QDense, QuantConfig, convert, pack_int4, qrange, \
     unpack_int4
-from qatjax._int_ops import int_dot, int_dot_kernel
-from qatjax._size import compare_sizes, model_size
+from qatjax import compare_sizes, model_size
+from qatjax.core.int_kernels import int_matmul_nk
 
 
 class Net(nn.Module):
@@ -136,21 +136,22 @@ def test_qarray_storage_order_round_trips(shape, perm, bits):
 
 @pytest.mark.parametrize("k", [6, 7])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_int_dot_kernel_is_bitwise_the_reference(k, bits):
-  """The (N, K)-stored kernel path (incl. the nibble split for int4) gives the same int32."""
+def test_int_matmul_nk_is_bitwise_the_reference(k, bits):
+  """The (N, K)-stored kernel path (incl. the nibble split for int4, the row swap for few rows
+  and the padded single row) gives numpy's int64 result exactly."""
   rng = np.random.default_rng(k)
   lo, hi = qrange(bits, narrow=True)
   q = rng.integers(lo, hi + 1, size=(k, 5)).astype(np.int8)
-  zx = jnp.int32(-17)
-  ksum = jnp.asarray(q.astype(np.int32).sum(0))
-  for shape in [(2, 3, k), (1, k), (k,), (70, k)]:  # 1 row: padded; <= 64 rows: (W @ x.T).T
-    qx = jnp.asarray(rng.integers(-128, 128, size=shape).astype(np.int8))
-    ref = int_dot(qx, zx, jnp.asarray(q), ksum, 1)
-    for perm in (None, (1, 0)):
-      qa = QArray.create(q, jnp.ones((1, 5)), bits=bits, perm=perm)
-      got = jax.jit(int_dot_kernel)(qx, zx, qa, ksum)
-      assert got.dtype == jnp.int32 and got.shape == shape[:-1] + (5,)
-      np.testing.assert_array_equal(got, ref)
+  zx = -17
+  ksum = q.astype(np.int64).sum(0)
+  for rows in [6, 1, 70]:  # 1 row: padded; <= 64 rows: (W @ x.T).T
+    qx = rng.integers(-128, 128, size=(rows, k)).astype(np.int8)
+    ref = qx.astype(np.int64) @ q.astype(np.int64) - zx * ksum
+    qa = QArray.create(q, jnp.ones((1, 5)), bits=bits, perm=(1, 0))
+    got = jax.jit(int_matmul_nk, static_argnums=(3, 4, 5))(
+        jnp.asarray(qx), jnp.int32(zx), qa.values, 5, k, qa.packed, jnp.asarray(ksum, jnp.int32))
+    assert got.dtype == jnp.int32 and got.shape == (rows, 5)
+    np.testing.assert_array_equal(got, ref)
 
 
 # --- model_size ----------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_model_size_cnn_counts_every_leaf():
 def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_dil, rhs_dil):
   """Few-channel convs run exactly in float32 on CPU: same integers as the int32 conv."""
   from jax import lax
-  from qatjax._int_ops import int_conv
+  from qatjax.core.int_kernels import int_conv
 
   rng = np.random.default_rng(cin)
   qx = jnp.asarray(rng.integers(-128, 128, size=(2, 9, 8, cin)).astype(np.int8))

@@ -23,7 +23,7 @@ import optax
 import pytest
 
 from qatjax import QConv, QDense, QuantConfig, convert
-from qatjax.datasets import load_mnist
+from image_data import load_mnist
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 pytestmark = pytest.mark.skipif(not (DATA / "t10k-images-idx3-ubyte.gz").is_file(),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qatjax import QAct, QArray, QConvBN, QDense, QuantConfig, convert
-from qatjax._serialize import MAGIC, load_quantized, save_quantized
+from qatjax.model.serialize import MAGIC, load_quantized, save_quantized
 
 
 class Net(nn.Module):

@@ -130,8 +130,8 @@ def _run(layer, config):
     v = q.init(jax.random.key(0), x_cal)
     _, upd = q.apply(v, x_cal, mutable=["quant_stats"])
     v = {**v, **upd}
-    y, exported = q.apply(v, x, mutable=["quant_export"])
-    ex = exported["quant_export"]
+    y, exported = q.apply(v, x, mutable=["quant_record"])
+    ex = exported["quant_record"]
     qa = ex["embedding" if layer == "embed" else "kernel"]
     return v, y, ex, (qa.unpack(), qa.dequantize())
 
@@ -155,7 +155,10 @@ def test_kernel_and_input_on_grid(layer, config):
     w2, in_axis, out_axis = w, 1, 0
   else:
     w2, in_axis, out_axis = w, w.ndim - 2, w.ndim - 1
-  w_fq, w_int = np_weight_fq(w2, cfg, in_axis, out_axis, params.get(f"{wname}_scale"))
+  lsq_scale = params.get(f"{wname}_scale")
+  if kind == "dense_general" and lsq_scale is not None and lsq_scale.ndim == w.ndim:
+    lsq_scale = lsq_scale.reshape(lsq_scale.shape[0], -1)  # per group: (groups, *features)
+  w_fq, w_int = np_weight_fq(w2, cfg, in_axis, out_axis, lsq_scale)
   qmin, qmax = cfg.weight_range
 
   # The exported integer kernel: in range, the hand-computed integers, dequantizes exactly.
@@ -163,6 +166,8 @@ def test_kernel_and_input_on_grid(layer, config):
   assert qa.bits == cfg.weight_bits
   assert qa.values.dtype == (jnp.uint8 if cfg.weight_bits <= 4 else jnp.int8)
   ints = np.asarray(ints)
+  assert ints.shape == w.shape  # N-D kernels stay N-D (a DenseGeneral's (in, heads, dim) too)
+  ints, deq = ints.reshape(w2.shape), np.asarray(deq).reshape(w2.shape)
   assert ints.min() >= qmin and ints.max() <= qmax
   if cfg.method == "observer":  # min/max scales: every scale's largest |w| maps to qmax
     assert np.abs(ints).max() == qmax
@@ -182,8 +187,8 @@ def test_kernel_and_input_on_grid(layer, config):
     x_fq, x_int = np_fake_quant(x, s, z, aqmin, aqmax)
     if cfg.method == "observer":  # the eval batch is wider than the calibrated range: clips
       assert x_int.min() == aqmin or x_int.max() == aqmax
-    np.testing.assert_allclose(exported["input"]["scale"], s, rtol=3e-7)
-    np.testing.assert_array_equal(exported["input"]["zero_point"], z)
+    np.testing.assert_allclose(exported["input_scale"], s, rtol=3e-7)
+    np.testing.assert_array_equal(exported["input_zero_point"], z)
   want = make_flax().apply({"params": fparams}, jnp.asarray(x_fq))
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
   # Not trivially equal to the float layer.
@@ -209,8 +214,8 @@ def test_conv_bn_folded_kernel_on_grid(config):
          "batch_stats": {"mean": mean, "var": var}}
     _, upd = layer.apply(v, x_cal, use_running_average=True, mutable=["quant_stats"])
     v = {**v, **upd}
-    y, ex = layer.apply(v, x, use_running_average=True, mutable=["quant_export"])
-    ex = ex["quant_export"]
+    y, ex = layer.apply(v, x, use_running_average=True, mutable=["quant_record"])
+    ex = ex["quant_record"]
     return v, y, ex, ex["kernel"].unpack(), ex["kernel"].dequantize()
 
   v, y, ex, ints, deq = go(x_cal, x)

@@ -136,10 +136,33 @@ def test_quantize_model_single_config_and_report():
   report = qatjax.rules_report(qatjax.quantize_model(FloatCNN(), RULES), X)
   assert report == {"^Conv_0$": ["Conv_0"], "Block_0/Conv_0": ["Block_0/Conv_0"],
                     "Dense_0": ["Dense_0"], "Dense_1": ["Dense_1"], "Attention": []}
-  # First match wins: "Conv" takes both convs before ".*" sees them.
+  # First match wins: ".*Conv_\d+" takes both convs before ".*" sees them.
   first = qatjax.rules_report(
-      qatjax.quantize_model(FloatCNN(), {"Conv": QuantConfig(4, 4), ".*": QuantConfig()}), X)
-  assert first == {"Conv": ["Conv_0", "Block_0/Conv_0"], ".*": ["Dense_0", "Dense_1"]}
+      qatjax.quantize_model(FloatCNN(), {r".*Conv_\d+": QuantConfig(4, 4), ".*": QuantConfig()}),
+      X)
+  assert first == {r".*Conv_\d+": ["Conv_0", "Block_0/Conv_0"], ".*": ["Dense_0", "Dense_1"]}
+
+
+def test_rules_match_whole_paths():
+  """A rule for Dense_1 does not catch Dense_10 or block/Dense_1 (re.fullmatch, not search)."""
+  r = qatjax.rules({"Dense_1": QuantConfig(4, 4), "Conv": QuantConfig(2, 2)})
+  assert r.lookup("Dense_1").weight_bits == 4
+  for path in ("Dense_10", "block/Dense_1", "Dense_1/inner", "Conv_0"):
+    assert r.match(path) == (None, None), path
+  # The same rule through quantize_model: Dense_10 of a wide model stays float.
+
+  class Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(11):
+        x = nn.Dense(3)(x)
+      return x
+
+  x = jnp.ones((2, 3))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    v = qatjax.quantize_model(Wide(), {"Dense_1": QuantConfig(4, 4)}).init(jax.random.key(0), x)
+  assert set(v["quant_stats"]) == {"Dense_1"}
 
 
 # --- from_float ------------------------------------------------------------------------------------

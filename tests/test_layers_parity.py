@@ -114,7 +114,7 @@ def _check_tree_and_init(layer, fvars, qvars):
       continue
     assert extra <= QUANTIZER_LEAVES, (name, extra)
     assert bool(extra) == (cfg.method == "lsq"), name
-    # init creates no other state (in particular not convert's "quant_export").
+    # init creates no other state (in particular not convert's "quant_record").
     assert set(qv) == {"params", "quant_stats"}, (name, sorted(qv))
     stats = qv["quant_stats"]
     for flag in ("enabled", "observe"):

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from qatjax import QConvBN, QDense, QuantConfig
-from qatjax.datasets import load_digits
+from image_data import load_digits
 from qatjax.training import (QATSchedule, create_train_state, cross_entropy, evaluate, fit,
                              make_eval_step, make_train_step)
 

@@ -46,7 +46,7 @@ def test_create_train_state_collections():
   s = create_train_state(MLP(), optax.adam(1e-3), jax.random.key(0), x[:2])
   assert isinstance(s, TrainState) and s.step.dtype == jnp.int32 and int(s.step) == 0
   assert sorted(s.variables) == ["params", "quant_stats"] and s.batch_stats == {}
-  assert "quant_export" not in s.variables
+  assert "quant_record" not in s.variables
   f = create_train_state(MLP(config=None), optax.adam(1e-3), 0, x[:2])
   assert f.quant_stats == {} and sorted(f.variables) == ["params"]
 

@@ -4,7 +4,7 @@
 imported lazily.
 """
 
-from qatjax.export._jax_export import export_stablehlo, load_stablehlo
+from qatjax.export.stablehlo import export_stablehlo, load_stablehlo
 from qatjax.export._onnx import export_onnx
 
 __all__ = ["export_onnx", "export_stablehlo", "load_stablehlo"]

@@ -44,15 +44,20 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from qatjax._act import QAct
-from qatjax._config import resolve
-from qatjax._conv import QConv, conv_forward, conv_geometry
-from qatjax._conv_bn import QConvBN
-from qatjax._dense import QDense, QDenseGeneral, dense_forward
-from qatjax._embed import QEmbed
-from qatjax._model import QuantizedModel
-from qatjax._qarray import QArray
-from qatjax._quantizers import EXPORT, STATS, module_path
+from qatjax.core.qarray import QArray
+from qatjax.core.rules import resolve
+from qatjax.linen.act import QAct
+from qatjax.linen.context import module_path
+from qatjax.linen.conv import QConv
+from qatjax.linen.conv import conv as conv_forward
+from qatjax.linen.conv_bn import QConvBN
+from qatjax.linen.dense import QDense, QDenseGeneral
+from qatjax.linen.dense import dense as dense_forward
+from qatjax.linen.embed import QEmbed
+from qatjax.linen.quantize_model import QuantizedModel
+from qatjax.ops.conv import ConvGeometry
+from qatjax.ops.registry import RECORD as EXPORT
+from qatjax.ops.registry import STATS
 
 _DENSE_TYPES = (QDense, nn.Dense)
 _CONV_TYPES = (QConv, QConvBN, nn.Conv)
@@ -185,14 +190,14 @@ def _qact_params(layer, exported, rules):
   node = exported
   for p in m.path:
     node = node.get(p, {})
-  ex = node.get("input")
-  if ex is None:
+  if "input_scale" not in node:
     return None
   enabled = bool(np.asarray(layer.variables.get(STATS, {}).get("enabled", True)))
-  if not (enabled and bool(np.asarray(ex["calibrated"]))):
+  if not (enabled and bool(np.asarray(node["input_calibrated"]))):
     return None
   qmin, qmax = cfg.act_range
-  return float(np.asarray(ex["scale"])), float(np.asarray(ex["zero_point"])), qmin, qmax
+  return (float(np.asarray(node["input_scale"])), float(np.asarray(node["input_zero_point"])),
+          qmin, qmax)
 
 
 # --- pass 2: the jaxpr with one primitive per layer ----------------------------------------------
@@ -382,7 +387,9 @@ def _emit_dense(b: _Builder, layer: _Layer, t: _T) -> _T:
 def _emit_conv(b: _Builder, layer: _Layer, t: _T) -> _T:
   m, p = layer.module, layer.variables["params"]
   x_aval = jax.ShapeDtypeStruct(layer.in_shape, jnp.float32)
-  ks, strides, in_dil, k_dil, padding = conv_geometry(m, x_aval)
+  g = ConvGeometry.of(m, x_aval.shape, layer.path)
+  ks, strides, in_dil, k_dil, padding = (g.kernel_size, g.strides, g.input_dilation,
+                                         g.kernel_dilation, g.padding)
   nd = len(ks)
   if len(layer.in_shape) != nd + 2:
     raise ValueError(f"export_onnx: layer {layer.path}: inputs with several batch dims "

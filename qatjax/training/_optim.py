@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from qatjax._model import QUANTIZER_LEAVES
+from qatjax.ops.registry import is_quantizer_param
 from qatjax.training._tree import key_name
 
 
@@ -28,7 +28,7 @@ def quant_param_labels(params):
     {'Dense_0': {'kernel': 'weights', 'kernel_scale': 'quant'}}
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "quant" if path and key_name(path[-1]) in QUANTIZER_LEAVES else "weights",
+      lambda path, _: "quant" if path and is_quantizer_param(key_name(path[-1])) else "weights",
       params)
 
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from qatjax._qarray import QArray
-from qatjax._quantizers import EXPORT
+from qatjax.core.qarray import QArray
+from qatjax.ops.registry import RECORD
 
 BN_EPSILON = 1e-5  # QConvBN's default epsilon, used to fold BN into the kernel for the error plot
 
@@ -66,9 +66,9 @@ def plot_history(history: Sequence[Mapping[str, Any]], plot_dir: str) -> list[st
 
 
 def quantization_summary(state, example_input, apply_kwargs: Mapping[str, Any] | None = None):
-  """``{layer: {"weight_scale", "weight_error", "input_scale"}}`` from the model's export.
+  """``{layer: {"weight_scale", "weight_error", "input_scale"}}`` from what ``convert`` records.
 
-  Runs the model once on ``example_input`` with the ``quant_export`` collection mutable (as
+  Runs the model once on ``example_input`` with the ``quant_record`` collection mutable (as
   :func:`qatjax.convert` does): ``weight_scale`` are the kernel's quantization scales,
   ``weight_error`` the element-wise ``kernel - dequantize(quantize(kernel))`` (for ``QConvBN``
   the BN-folded kernel, with epsilon 1e-5), ``input_scale`` the activation scale (or ``None``).
@@ -85,9 +85,9 @@ def quantization_summary(state, example_input, apply_kwargs: Mapping[str, Any] |
     ((4,), (12,))
   """
   kwargs = dict(apply_kwargs or {})
-  export_fn = jax.jit(lambda v, x: state.apply_fn(v, x, mutable=[EXPORT], **kwargs)[1])
+  export_fn = jax.jit(lambda v, x: state.apply_fn(v, x, mutable=[RECORD], **kwargs)[1])
   cols = export_fn(state.variables, example_input)
-  export = traverse_util.flatten_dict(jax.device_get(cols.get(EXPORT, {})), sep="/")
+  export = traverse_util.flatten_dict(jax.device_get(cols.get(RECORD, {})), sep="/")
   params = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
   stats = traverse_util.flatten_dict(jax.device_get(state.batch_stats or {}), sep="/")
   out = {}
@@ -97,7 +97,7 @@ def quantization_summary(state, example_input, apply_kwargs: Mapping[str, Any] |
       continue
     prefix = f"{layer}/" if layer else ""
     entry = {"weight_scale": np.ravel(np.asarray(qa.scale)), "weight_error": None,
-             "input_scale": export.get(f"{prefix}input/scale")}
+             "input_scale": export.get(f"{prefix}input_scale")}
     w = params.get(f"{prefix}{name}")
     if w is not None:
       w = np.asarray(w, np.float32)

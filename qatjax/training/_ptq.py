@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from qatjax._model import set_quant_flags
+from qatjax.model.flags import set_quant_flags
 from qatjax.training._state import TrainState
 
 

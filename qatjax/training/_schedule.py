@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from qatjax._model import set_quant_flags
+from qatjax.model.flags import set_quant_flags
 
 
 def _check_step(name, value):

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from qatjax.ops.registry import RECORD
 from qatjax.training._tree import diff_specs, leaf_specs
 
 # Collections a train state carries besides ``params``.
 STATE_COLLECTIONS = ("quant_stats", "batch_stats")
 # Collections ``model.init`` may return that are not training state.
-_IGNORED_COLLECTIONS = ("quant_export",)
+_IGNORED_COLLECTIONS = (RECORD,)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,28 +76,3 @@ def expand_qparam(p, x_shape, axis, group_size, name: str):
                      f"{tuple(x_shape)}, got {p.shape}")
   full = jnp.repeat(p, group_size, axis=axis)
   return lax.slice_in_dim(full, 0, x_shape[axis], axis=axis)
-
-
-def reduce_axes(ndim: int, axis, group_size=None) -> tuple[int, ...]:
-  """Axes to reduce over for a statistic kept per ``axis`` (all axes if ``axis`` is None)."""
-  if axis is None:
-    return tuple(range(ndim))
-  return tuple(d for d in range(ndim) if d != axis)
-
-
-def grouped(x, axis: int, group_size: int):
-  """Reshapes ``x`` so that axis ``axis`` becomes ``(groups, group_size)``, padding with edge values.
-
-  Returns ``(xg, pad)``; reducing ``xg`` over its axis ``axis + 1`` (and any others) gives
-  per-group statistics. Edge padding repeats the last element, so it never changes a min, max or
-  percentile of the short last group by much (min/max: not at all).
-  """
-  size = x.shape[axis]
-  n = num_groups(size, group_size)
-  pad = n * group_size - size
-  if pad:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    x = jnp.pad(x, widths, mode="edge")
-  new_shape = x.shape[:axis] + (n, group_size) + x.shape[axis + 1:]
-  return x.reshape(new_shape), pad

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from qatjax._config import QuantConfig, QuantRules, resolve
-from qatjax._quantizers import flags, module_path, quantize_input
+from qatjax.core.config import QuantConfig
+from qatjax.core.rules import QuantRules, resolve
+from qatjax.linen.context import LinenContext, module_path
+from qatjax.ops.context import flags
+from qatjax.ops.quantizers import quantize_act, record_act
 
 
 class QAct(nn.Module):
@@ -31,5 +34,8 @@ class QAct(nn.Module):
     cfg = resolve(self.config, module_path(self))
     if cfg is None or cfg.act_bits is None:
       return x
-    enabled, observe = flags(self)
-    return quantize_input(self, x, cfg, enabled, observe)
+    ctx = LinenContext(self)
+    enabled, observe = flags(ctx)
+    y, act = quantize_act(ctx, x, cfg.act_quant, enabled, observe)
+    record_act(ctx, act, calibrated=True)  # for the exporters; convert keeps QAct as it is
+    return y

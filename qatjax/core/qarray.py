@@ -91,6 +91,11 @@ class QArray:
                          axis=self.axis, group_size=self.group_size, perm=perm)
 
   @property
+  def ndim(self) -> int:
+    """Number of logical dimensions (``len(shape)``)."""
+    return len(self.shape)
+
+  @property
   def packed(self) -> bool:
     return self.bits <= 4
 

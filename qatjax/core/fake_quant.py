@@ -14,8 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qatjax._granularity import check_axis, check_group_size, expand_qparam
-from qatjax._ranges import EPS, check_qrange
+from qatjax.core.granularity import check_axis, check_group_size, expand_qparam
+from qatjax.core.ranges import EPS, check_bits, check_qrange
 
 
 def _round(v, noise, stochastic: bool):
@@ -114,6 +114,11 @@ def _round_ste(p, lo, hi):
 # --- public API ----------------------------------------------------------------------------------
 
 
+def clamp_scale(scale, eps: float = EPS):
+  """``max(scale, eps)``: a zero or negative scale never divides by zero."""
+  return jnp.maximum(scale, eps)
+
+
 def _prepare(x, scale, zero_point, qmin, qmax, axis, group_size, key, eps):
   check_qrange(qmin, qmax)
   x = jnp.asarray(x)
@@ -126,7 +131,7 @@ def _prepare(x, scale, zero_point, qmin, qmax, axis, group_size, key, eps):
     zero_point = jnp.zeros_like(jnp.asarray(scale, jnp.float32))
   s = expand_qparam(scale, x.shape, axis, group_size, "scale")
   z = expand_qparam(zero_point, x.shape, axis, group_size, "zero_point")
-  s = jnp.maximum(s, eps)  # a zero or negative scale never divides by zero
+  s = clamp_scale(s, eps)
   compute = jnp.promote_types(x.dtype, jnp.float32)
   xc = x.astype(compute)
   if key is None:
@@ -134,6 +139,38 @@ def _prepare(x, scale, zero_point, qmin, qmax, axis, group_size, key, eps):
   else:
     noise = jax.random.uniform(key, x.shape, compute)
   return x.dtype, xc, s.astype(compute), z.astype(compute), noise, key is not None
+
+
+def _learned(xc, s, z, noise, qmin, qmax, stochastic, grad_scale, learn_zp):
+  """The LSQ kernel on broadcast parameters: rounded zero point, scaled parameter gradients."""
+  z = _round_ste(z, qmin, qmax)
+  gf = jnp.asarray(grad_scale, xc.dtype)
+  s = _scale_grad(s, gf)
+  z = _scale_grad(z, gf)
+  if not learn_zp:
+    z = jax.lax.stop_gradient(z)
+  return _fq_lsq(xc, s, z, noise, qmin, qmax, stochastic)
+
+
+def broadcast_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, learned: bool = False,
+                         grad_scale=1.0, eps: float = EPS):
+  """:func:`fake_quant` (or, ``learned=True``, :func:`lsq_fake_quant`) for parameters that already
+  broadcast against ``x``, of any shape (e.g. one scale per output element of an N-D kernel).
+
+  No validation: the quantized ops call it with shapes they built. ``zero_point=None`` is a
+  fixed 0 (no gradient).
+  """
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  xc = x.astype(compute)
+  s = clamp_scale(jnp.asarray(scale, jnp.float32), eps).astype(compute)
+  learn_zp = zero_point is not None
+  z = (jnp.zeros_like(s) if zero_point is None else jnp.asarray(zero_point, compute))
+  noise = jnp.zeros((), compute)
+  if learned:
+    y = _learned(xc, s, z, noise, qmin, qmax, False, grad_scale, learn_zp)
+  else:
+    y = _fq_ste(xc, s, z, noise, qmin, qmax, False)
+  return y.astype(x.dtype)
 
 
 def fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None = None,
@@ -234,13 +271,7 @@ def lsq_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | No
     zero_point = jnp.zeros_like(jnp.asarray(scale, jnp.float32))
   dtype, xc, s, z, noise, stochastic = _prepare(x, scale, zero_point, qmin, qmax, axis,
                                                  group_size, key, eps)
-  z = _round_ste(z, qmin, qmax)
-  gf = jnp.asarray(grad_scale, xc.dtype)
-  s = _scale_grad(s, gf)
-  z = _scale_grad(z, gf)
-  if not learn_zp:
-    z = jax.lax.stop_gradient(z)
-  return _fq_lsq(xc, s, z, noise, qmin, qmax, stochastic).astype(dtype)
+  return _learned(xc, s, z, noise, qmin, qmax, stochastic, grad_scale, learn_zp).astype(dtype)
 
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:
@@ -273,7 +304,7 @@ def lsq_init_scale(x, qmax: int, *, axis: int | None = None, eps: float = EPS):
   x = jnp.asarray(x, jnp.float32)
   axis = check_axis(axis, x.ndim)
   axes = None if axis is None else tuple(d for d in range(x.ndim) if d != axis)
-  return jnp.maximum(2.0 * jnp.mean(jnp.abs(x), axis=axes) / math.sqrt(qmax), eps)
+  return clamp_scale(2.0 * jnp.mean(jnp.abs(x), axis=axes) / math.sqrt(qmax), eps)
 
 
 def pact(x, alpha, bits: int, *, eps: float = EPS):
@@ -294,11 +325,11 @@ def pact(x, alpha, bits: int, *, eps: float = EPS):
     >>> pact(jnp.array([-1.0, 0.2, 5.0]), jnp.float32(1.0), 2)
     Array([0.        , 0.33333334, 1.        ], dtype=float32)
   """
-  from qatjax._ranges import check_bits
+  from qatjax.core.ranges import check_bits
 
   check_bits(bits)
   qmax = 2**bits - 1
-  alpha = jnp.maximum(jnp.asarray(alpha, jnp.float32), eps)
+  alpha = clamp_scale(jnp.asarray(alpha, jnp.float32), eps)
   x = jnp.asarray(x)
   # where(x >= 0, x, 0), not maximum(x, 0): maximum splits the gradient 0.5/0.5 at x == 0.
   y = jnp.where(x < alpha, jnp.where(x >= 0, x, jnp.zeros_like(x)), alpha.astype(x.dtype))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qatjax._qarray import QArray
+from qatjax.core.qarray import QArray
 
 MAGIC = b"\x89QATJAX\n"
 VERSION = 1
@@ -68,7 +68,6 @@ def save_quantized(path, qvars) -> None:
 
   Example:
     >>> import os, tempfile, jax, jax.numpy as jnp
-    >>> from qatjax._serialize import load_quantized, save_quantized
     >>> layer = QDense(3, config=QuantConfig(weight_bits=4))
     >>> x = jnp.ones((2, 5))
     >>> v = layer.init(jax.random.key(0), x)

@@ -8,9 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qatjax._config import QuantConfig, QuantRules, resolve
-from qatjax._conv import conv_forward
-from qatjax._quantizers import EXPORT, STATS, exporting, is_converted, module_path
+from qatjax.core.config import QuantConfig
+from qatjax.core.qarray import QArray
+from qatjax.core.rules import QuantRules, resolve
+from qatjax.linen.context import LinenContext, module_path
+from qatjax.linen.conv import conv
+from qatjax.ops.registry import STATS
 
 
 class QConvBN(nn.Module):
@@ -68,8 +71,9 @@ class QConvBN(nn.Module):
   def __call__(self, x, use_running_average: bool | None = None):
     """Applies conv + BN; ``use_running_average=False`` trains with batch statistics."""
     cfg = resolve(self.config, module_path(self))
-    if is_converted(self):  # BN already folded into the integer kernel and the bias
-      return conv_forward(self, x, cfg)
+    if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"),
+                                                            QArray):
+      return conv(self, x, cfg)  # BN already folded into the integer kernel and the bias
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     n = self.features
     gamma = self.param("bn_scale", self.scale_init, (n,), self.param_dtype)
@@ -86,7 +90,7 @@ class QConvBN(nn.Module):
                              else jnp.zeros((n,), jnp.float32))
       return kernel * f, lambda y: y / f_safe
 
-    y = conv_forward(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b
+    y = conv(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b
     running = (y - ra_mean.value) * f + beta
     if use_ra:
       out = running
@@ -100,7 +104,7 @@ class QConvBN(nn.Module):
         ra_mean.value = jnp.where(frozen, ra_mean.value, m * ra_mean.value + (1 - m) * mean)
         ra_var.value = jnp.where(frozen, ra_var.value, m * ra_var.value + (1 - m) * var)
       out = jnp.where(frozen, running, batch)
-    if exporting(self):
-      self.put_variable(EXPORT, "bias",
-                        jax.lax.stop_gradient(beta + (holder["conv_bias"] - ra_mean.value) * f))
+    ctx = LinenContext(self)
+    if ctx.recording:  # the folded bias of the integer model
+      ctx.record("bias", beta + (holder["conv_bias"] - ra_mean.value) * f)
     return out

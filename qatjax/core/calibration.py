@@ -17,9 +17,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qatjax._fake_quant import fake_quant
-from qatjax._granularity import check_axis
-from qatjax._ranges import check_qrange, scale_zero_point
+from qatjax.core.fake_quant import fake_quant
+from qatjax.core.granularity import check_axis
+from qatjax.core.ranges import check_qrange, scale_zero_point
 
 
 class RangeState(NamedTuple):

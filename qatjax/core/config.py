@@ -1,13 +1,13 @@
-"""``QuantConfig``: how one layer quantizes; ``QuantRules``: configs per module path."""
+"""``QuantConfig``: how one layer quantizes; resolved once into :class:`WeightQuant` /
+:class:`ActQuant`, the per-tensor specs the quantized ops read."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Mapping
+import functools
 
-from qatjax._calibration import CALIBRATORS
-from qatjax._ranges import check_bits, qrange
+from qatjax.core import calibration as cal
+from qatjax.core.ranges import check_bits, qrange
 
 METHODS = ("observer", "lsq")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
@@ -71,7 +71,7 @@ class QuantConfig:
     _check_choice("method", self.method, METHODS)
     _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
     _check_choice("weight_calibration", self.weight_calibration, WEIGHT_CALIBRATIONS)
-    _check_choice("act_calibration", self.act_calibration, CALIBRATORS)
+    _check_choice("act_calibration", self.act_calibration, cal.CALIBRATORS)
     if (self.weight_granularity == "per_group") != (self.weight_group_size is not None):
       raise ValueError("weight_group_size must be set exactly when weight_granularity='per_group'"
                        f", got weight_granularity={self.weight_granularity!r}, "
@@ -96,6 +96,7 @@ class QuantConfig:
 
   @property
   def narrow(self) -> bool:
+    """Whether the weight range drops its most negative integer (see ``weight_narrow_range``)."""
     if self.weight_narrow_range is None:
       return self.method == "observer"
     return self.weight_narrow_range
@@ -115,71 +116,99 @@ class QuantConfig:
     return qrange(self.act_bits, signed=self.act_symmetric)
 
 
+  @functools.cached_property
+  def weight_quant(self) -> WeightQuant | None:
+    """The weights' resolved spec (``None``: float weights).
+
+    Example:
+      >>> QuantConfig(weight_bits=4, method="lsq").weight_quant.qmax
+      7
+    """
+    if self.weight_bits is None:
+      return None
+    qmin, qmax = self.weight_range
+    return WeightQuant(self.weight_bits, qmin, qmax, self.method, self.weight_granularity,
+                       self.weight_group_size, self.weight_calibration)
+
+  @functools.cached_property
+  def act_quant(self) -> ActQuant | None:
+    """The input activations' resolved spec (``None``: float activations).
+
+    Example:
+      >>> QuantConfig(act_bits=8, pact=True).act_quant.method
+      'pact'
+    """
+    if self.act_bits is None:
+      return None
+    qmin, qmax = self.act_range
+    method = "pact" if self.pact else self.method
+    calibrator = _act_calibrator(self, qmin, qmax) if method == "observer" else None
+    return ActQuant(self.act_bits, qmin, qmax, self.act_symmetric, method, calibrator,
+                    self.pact_init)
+
+
 def _check_choice(name, value, allowed):
   if value not in allowed:
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def _act_calibrator(cfg: QuantConfig, qmin: int, qmax: int) -> cal.Calibrator:
+  kind = cfg.act_calibration
+  if kind == "ema":
+    return cal.ema_minmax(cfg.act_momentum)
+  if kind == "minmax":
+    return cal.minmax()
+  if kind == "percentile":
+    return cal.percentile(momentum=cfg.act_momentum)
+  return cal.mse(qmin, qmax, symmetric=cfg.act_symmetric, momentum=cfg.act_momentum)
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantRules:
-  """Ordered ``(regex, config)`` pairs: a module path takes the config of the first match.
+class WeightQuant:
+  """How one weight tensor is quantized, resolved from a :class:`QuantConfig`.
 
-  Paths are module names joined by ``/`` (``"Conv_0"``, ``"encoder/Dense_1"``) and matched
-  with ``re.search``. A config of ``None`` keeps the matched layers float; a path that matches no
-  rule is also float.
+  Symmetric (zero point 0). The op that owns the tensor supplies the layout: which axes are
+  contracted (a scale is shared along them) and along which the groups run.
+
+  Attributes:
+    bits: 2..8.
+    qmin: smallest integer.
+    qmax: largest integer.
+    method: ``"observer"`` (scale from the current weights) or ``"lsq"`` (learned step).
+    granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``.
+    group_size: group length along the contraction (``"per_group"``), else ``None``.
+    calibration: ``"minmax"`` or ``"mse"`` (observer weights).
   """
 
-  patterns: tuple[tuple[str, QuantConfig | None], ...]
-
-  def __post_init__(self):
-    for pattern, cfg in self.patterns:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ValueError(f"rule regex {pattern!r} does not compile: {e}") from None
-      if cfg is not None and not isinstance(cfg, QuantConfig):
-        raise ValueError(f"rule {pattern!r} must map to a QuantConfig or None, got {cfg!r}")
-
-  def match(self, path: str) -> tuple[str | None, QuantConfig | None]:
-    """Returns ``(pattern, config)`` of the first rule matching ``path``, else ``(None, None)``."""
-    for pattern, cfg in self.patterns:
-      if re.search(pattern, path):
-        return pattern, cfg
-    return None, None
-
-  def lookup(self, path: str) -> QuantConfig | None:
-    return self.match(path)[1]
+  bits: int
+  qmin: int
+  qmax: int
+  method: str
+  granularity: str
+  group_size: int | None
+  calibration: str
 
 
-def rules(mapping: Mapping[str, QuantConfig | None]) -> QuantRules:
-  """Per-layer mixed precision: regular expressions over module paths to configs.
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+  """How one activation tensor (an op's input) is quantized, resolved from a
+  :class:`QuantConfig`.
 
-  The first matching entry (in insertion order) wins.
-
-  Args:
-    mapping: ``{regex: QuantConfig or None}``.
-
-  Returns:
-    A :class:`QuantRules`, usable wherever a layer takes ``config``.
-
-  Raises:
-    ValueError: a regex that does not compile, or a value that is not a config.
-
-  Example:
-    >>> r = rules({"Conv_0|Dense_1": QuantConfig(8, 8), ".*": QuantConfig(4, 4, method="lsq")})
-    >>> r.lookup("Conv_0").weight_bits, r.lookup("Conv_1").weight_bits
-    (8, 4)
+  Attributes:
+    bits: 2..8.
+    qmin: smallest integer.
+    qmax: largest integer.
+    symmetric: zero point fixed (0 for a signed range).
+    method: ``"observer"`` (calibrated range state), ``"lsq"`` (learned step and offset) or
+      ``"pact"`` (learned clipping level).
+    calibrator: the observer's range tracker (``method="observer"``), else ``None``.
+    pact_init: PACT's initial clipping level.
   """
-  if not isinstance(mapping, Mapping):
-    raise ValueError(f"rules expects a mapping of regex -> QuantConfig, got {mapping!r}")
-  return QuantRules(tuple(mapping.items()))
 
-
-def resolve(config, path: str) -> QuantConfig | None:
-  """The config a layer at ``path`` uses: ``config`` itself, or its rule for that path."""
-  if config is None or isinstance(config, QuantConfig):
-    return config
-  if isinstance(config, QuantRules):
-    return config.lookup(path)
-  raise ValueError(f"config of layer {path!r} must be a QuantConfig, QuantRules or None, "
-                   f"got {config!r}")
+  bits: int
+  qmin: int
+  qmax: int
+  symmetric: bool
+  method: str
+  calibrator: cal.Calibrator | None = dataclasses.field(compare=False, repr=False)
+  pact_init: float

@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import traverse_util
 
-from qatjax._quantizers import EXPORT, STATS
+from qatjax.ops.registry import ACT_SITES, RECORD, STATS, WEIGHTS, act_leaf
+
 
 def _flat(tree):
+  """``{('Dense_0', 'kernel'): leaf}`` of a collection."""
   return traverse_util.flatten_dict(dict(tree)) if tree else {}
+
+
+def _check_calibrated(layer, record, stats):
+  """Every activation quantizer a converted layer keeps must have seen data."""
+  for site in ACT_SITES:
+    count = stats.get(layer + (act_leaf(site, "count"),))
+    if layer + (act_leaf(site, "scale"),) in record and count is not None and not int(count) > 0:
+      raise ValueError(f"convert: layer {'/'.join(layer) or '<root>'} has no activation "
+                       "statistics (its observer never saw data); calibrate or train with "
+                       "mutable=['quant_stats'] first")
 
 
 def convert(model, variables, *args, **kwargs) -> dict:
   """Converts QAT variables to integers for deployment (Jacob et al. 2018).
 
-  Runs ``model`` once in evaluation mode (``quant_stats`` immutable) on the example ``args`` and
-  collects, for every quantized layer, its kernel quantized to a :class:`QArray` (``int8``; two
-  values per byte for 4 bits and fewer), its frozen input scale and zero point, and the int32
-  kernel sums the zero-point correction needs. ``QConvBN`` layers are folded: their kernel holds
-  ``W * gamma / sqrt(var + eps)`` and their ``bias`` the folded BN shift. Biases stay float32
-  (added after the int32 accumulator is rescaled). Float layers are left untouched.
+  Runs ``model`` once in evaluation mode (``quant_stats`` immutable) on the example ``args`` with
+  the ``quant_record`` collection mutable: every quantized op records what its integer kernel
+  needs. For every quantized layer that is its kernel (or embedding table) as a :class:`QArray`
+  (``int8``; two values per byte for 4 bits and fewer) stored in the order the kernel reads it,
+  its frozen input scale and zero point, and the int32 kernel sums the zero-point correction
+  needs. ``QConvBN`` layers are folded: their kernel holds ``W * gamma / sqrt(var + eps)`` and
+  their ``bias`` the folded BN shift. Biases stay float32 (added after the int32 accumulator is
+  rescaled). The layer's quantizer parameters and statistics are dropped; float layers are left
+  untouched.
 
   The result is a variables dict for the *same* model: ``model.apply(qvars, x)`` then runs
   int8 x int8 -> int32 matmuls and convolutions.
@@ -51,30 +65,19 @@ def convert(model, variables, *args, **kwargs) -> dict:
     True
   """
   variables = dict(variables)
-  _, exported = model.apply(variables, *args, mutable=[EXPORT], **kwargs)
-  ex = _flat(exported.get(EXPORT, {}))
-  layers = sorted({k[:-1] for k in ex if k[-1] in ("kernel", "embedding")})
-  float_params = _flat(variables["params"])
-  params = dict(float_params)
+  _, recorded = model.apply(variables, *args, mutable=[RECORD], **kwargs)
+  record = _flat(recorded.get(RECORD, {}))
+  layers = sorted({k[:-1] for k in record if k[-1] in WEIGHTS})
+  params = _flat(variables["params"])
   stats = _flat(variables.get(STATS, {}))
   for layer in layers:
-    name = "kernel" if layer + ("kernel",) in ex else "embedding"
-    # Quantizer parameters and BN parameters (folded into kernel and bias) are dropped.
+    _check_calibrated(layer, record, stats)
+    # Quantizer and BN parameters (folded into kernel and bias) go; the bias stays unless the
+    # layer recorded a folded one.
     for key in [k for k in params if k[:-1] == layer and k[-1] != "bias"]:
       del params[key]
-    for leaf in (name, "bias", "kernel_sum"):
-      if layer + (leaf,) in ex:
-        params[layer + (leaf,)] = ex[layer + (leaf,)]
-    # PACT layers too: their input is clipped to [0, alpha] and quantized with scale
-    # alpha / qmax and zero point 0, exactly what the integer kernel's clip does.
-    if layer + ("input", "scale") in ex:
-      if not bool(ex[layer + ("input", "calibrated")]):
-        raise ValueError(f"convert: layer {'/'.join(layer) or '<root>'} has no activation "
-                         "statistics (its observer never saw data); calibrate or train with "
-                         "mutable=['quant_stats'] first")
-      for leaf in ("scale", "zero_point"):
-        params[layer + ("input_" + leaf,)] = jnp.asarray(ex[layer + ("input", leaf)],
-                                                         jnp.float32)
+    for key in [k for k in record if k[:-1] == layer]:
+      params[key] = record[key]
     for key in [k for k in stats if k[:-1] == layer]:
       del stats[key]
   out = {"params": traverse_util.unflatten_dict(params)}
@@ -84,10 +87,6 @@ def convert(model, variables, *args, **kwargs) -> dict:
   if bs:
     out["batch_stats"] = traverse_util.unflatten_dict(bs)
   for col, tree in variables.items():
-    if col not in ("params", STATS, "batch_stats", EXPORT):
+    if col not in ("params", STATS, "batch_stats", RECORD):
       out[col] = tree
   return out
-
-
-
-

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from qatjax._fake_quant import _prepare, _round
-from qatjax._granularity import check_axis, expand_qparam
-from qatjax._ranges import EPS
+from qatjax.core.fake_quant import _prepare, _round, clamp_scale
+from qatjax.core.granularity import check_axis, expand_qparam
+from qatjax.core.ranges import EPS
 
 
 def int_dtype(qmin: int, qmax: int):
@@ -50,6 +50,15 @@ def quantize(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None = N
   return q.astype(dtype or int_dtype(qmin, qmax))
 
 
+def broadcast_quantize(x, scale, qmin: int, qmax: int, *, eps: float = EPS):
+  """:func:`quantize` with a zero point of 0 and a scale that already broadcasts against ``x``
+  (no validation; for the quantized ops). Same grid as :func:`broadcast_fake_quant`."""
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  s = clamp_scale(jnp.asarray(scale, jnp.float32), eps).astype(compute)
+  q = jnp.clip(jnp.round(x.astype(compute) * (1.0 / s)), qmin, qmax)
+  return q.astype(int_dtype(qmin, qmax))
+
+
 def dequantize(q, scale, zero_point=None, *, axis: int | None = None,
                group_size: int | None = None, dtype=jnp.float32, eps: float = EPS):
   """Maps integers back to floats: ``(q - zero_point) * scale``.
@@ -62,6 +71,6 @@ def dequantize(q, scale, zero_point=None, *, axis: int | None = None,
   axis = check_axis(axis, q.ndim)
   if zero_point is None:
     zero_point = jnp.zeros_like(jnp.asarray(scale, jnp.float32))
-  s = jnp.maximum(expand_qparam(scale, q.shape, axis, group_size, "scale"), eps)
+  s = clamp_scale(expand_qparam(scale, q.shape, axis, group_size, "scale"), eps)
   z = expand_qparam(zero_point, q.shape, axis, group_size, "zero_point")
   return ((q.astype(jnp.float32) - z) * s).astype(dtype)

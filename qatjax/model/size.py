@@ -8,13 +8,8 @@ import math
 import numpy as np
 from flax import traverse_util
 
-from qatjax._qarray import QArray
-from qatjax._quantizers import EXPORT
-
-# Leaves that exist only to (de)quantize: scales, zero points, kernel sums, PACT clip levels.
-QUANT_LEAVES = ("input_scale", "input_zero_point", "kernel_sum", "kernel_scale",
-                "embedding_scale", "input_alpha")
-WEIGHT_LEAVES = ("kernel", "embedding")
+from qatjax.core.qarray import QArray
+from qatjax.ops.registry import QUANT_METADATA, RECORD, WEIGHTS
 
 
 def _nbytes(a) -> int:
@@ -136,14 +131,13 @@ def model_size(variables, *, collections=None) -> SizeReport:
 
   Args:
     variables: a Flax variables dict (``{"params": ..., "batch_stats": ..., ...}``).
-    collections: the collections to count (default: all but ``quant_export``).
+    collections: the collections to count (default: all but ``quant_record``).
 
   Returns:
     A :class:`SizeReport`, layers in first-seen order.
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from qatjax._size import model_size
     >>> layer = QDense(4, config=QuantConfig())
     >>> x = jnp.ones((2, 8))
     >>> v = layer.init(jax.random.key(0), x)
@@ -160,7 +154,7 @@ def model_size(variables, *, collections=None) -> SizeReport:
     <root>  144 B      104 B  72.2%
     total   144 B      104 B  72.2%
   """
-  cols = [c for c in variables if c != EXPORT] if collections is None else list(collections)
+  cols = [c for c in variables if c != RECORD] if collections is None else list(collections)
   layers: dict[str, LayerSize] = {}
   for col in cols:
     if col not in variables:
@@ -177,9 +171,9 @@ def model_size(variables, *, collections=None) -> SizeReport:
         cur = cur._add(weight=_nbytes(leaf.values),
                        quant=_nbytes(leaf.scale) + _nbytes(leaf.zero_point),
                        n=math.prod(leaf.shape))
-      elif leaf_name in WEIGHT_LEAVES:
+      elif leaf_name in WEIGHTS:
         cur = cur._add(weight=_nbytes(leaf), n=_size(leaf))
-      elif leaf_name in QUANT_LEAVES:
+      elif leaf_name in QUANT_METADATA:
         cur = cur._add(quant=_nbytes(leaf))
       else:
         cur = cur._add(other=_nbytes(leaf))

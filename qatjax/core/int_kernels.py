@@ -1,0 +1,224 @@
+"""Integer inference kernels: int8 x int8 -> int32 dot and convolution, then rescale.
+
+Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference". With input ``x ~ (qx - zx) * sx`` and symmetric weights
+``w ~ qw * sw``::
+
+  x @ w ~ sx * sw * (qx @ qw - zx * sum_k qw)
+
+``qx`` is stored as int8: an unsigned 8-bit range ``[0, 255]`` is shifted by -128 (and ``zx``
+with it), so every product runs on int8 operands with int32 accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qatjax.core.qarray import unpack_int4
+
+
+def quantize_input_int8(x, scale, zero_point, qmin: int, qmax: int):
+  """Quantizes ``x`` to int8 for an integer kernel: returns ``(qx, zx)`` with ``zx`` int32."""
+  shift = 128 if qmax > 127 else 0
+  q = jnp.clip(jnp.round(x.astype(jnp.float32) * (1.0 / scale)) + zero_point, qmin, qmax)
+  return (q - shift).astype(jnp.int8), (jnp.asarray(zero_point) - shift).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotLayout:
+  """A ``dot_general`` of an activation ``lhs`` and a weight ``rhs`` as a batched matmul
+  ``(B, M, K) x (B, N, K) -> (B, M, N)``.
+
+  ``B`` collects the batch dimensions, ``M`` the activation's free dimensions, ``N`` the weight's
+  free dimensions and ``K`` the contracted ones, the group axis (if any) last. ``rhs_perm`` is the
+  order in which :func:`qatjax.convert` stores a weight (``QArray.perm``): the weight is then read
+  as ``(B, N, K)`` with no transpose (the layout XLA:CPU's int8 matmul reads fastest). The output
+  is ``dot_general``'s: batch, then ``lhs`` free, then ``rhs`` free dimensions.
+  """
+
+  lhs_perm: tuple[int, ...]
+  rhs_perm: tuple[int, ...]
+  b: int
+  m: int
+  n: int
+  k: int
+  out_shape: tuple[int, ...]
+
+  @classmethod
+  def of(cls, lhs_shape, rhs_shape, dimension_numbers, group_axis=None) -> DotLayout:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = map(lambda t: tuple(int(a) for a in t), (lc, rc, lb, rb))
+    r_contract = sorted(rc, key=lambda a: (a == group_axis, a))  # group axis innermost
+    l_contract = [lc[rc.index(a)] for a in r_contract]
+    l_free = [a for a in range(len(lhs_shape)) if a not in lc and a not in lb]
+    r_free = [a for a in range(len(rhs_shape)) if a not in rc and a not in rb]
+    size = lambda shape, axes: math.prod(shape[a] for a in axes)  # noqa: E731
+    out = (tuple(lhs_shape[a] for a in lb) + tuple(lhs_shape[a] for a in l_free)
+           + tuple(rhs_shape[a] for a in r_free))
+    return cls(tuple(lb) + tuple(l_free) + tuple(l_contract),
+               tuple(rb) + tuple(r_free) + tuple(r_contract), size(lhs_shape, lb),
+               size(lhs_shape, l_free), size(rhs_shape, r_free), size(rhs_shape, rc), out)
+
+  def lhs3(self, x):
+    """An activation as ``(B, M, K)``."""
+    return jnp.transpose(x, self.lhs_perm).reshape(self.b, self.m, self.k)
+
+  def rhs3(self, w):
+    """A weight in its logical order as ``(B, N, K)``."""
+    return jnp.transpose(w, self.rhs_perm).reshape(self.b, self.n, self.k)
+
+  def lhs_param(self, p):
+    """A parameter of the activation (1 along every contracted axis, per row or per tensor) as
+    ``(B, M, 1)``, or a scalar."""
+    p = jnp.asarray(p)
+    if p.size == 1:
+      return p.reshape(())
+    return jnp.transpose(p, self.lhs_perm).reshape(self.b, self.m, 1)
+
+  def rhs_param(self, p):
+    """A parameter of the weight (1 along contracted axes but the groups', per channel) as
+    ``(B, N, G)`` (``G`` = 1, or the number of groups), or a scalar."""
+    p = jnp.asarray(p)
+    if p.size == 1:
+      return p.reshape(())
+    return jnp.transpose(p, self.rhs_perm).reshape(self.b, self.n, -1)
+
+  def out(self, y3):
+    """A ``(B, M, N)`` result in ``dot_general``'s output shape."""
+    return y3.reshape(self.out_shape)
+
+
+def int_matmul(qx3, zx3, w3, kernel_sum3):
+  """``(B, M, K) x (B, N, K) -> (B, M, N)`` int32, minus ``zx * kernel_sum``."""
+  acc = lax.dot_general(qx3, w3, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
+  return acc - zx3 * kernel_sum3
+
+
+def int_matmul_grouped(qx3, zx3, qw3, scale3, group_size: int, grouped_len: int):
+  """Per-group weights: ``sum_g scale_g * (qx_g . qw_g - zx * sum qw_g)`` in float32.
+
+  ``qx3`` is ``(B, M, K)`` and ``qw3`` ``(B, N, K)``, where ``K`` flattens the contracted axes
+  with the grouped one (of length ``grouped_len``) innermost; ``scale3`` is ``(B, N, G)``. Both
+  operands are padded with zeros to whole groups (a zero weight adds nothing to the product or to
+  its zero-point sum), so a short last group works.
+  """
+  k = qx3.shape[-1]
+  groups = scale3.shape[-1]
+  inner, outer = grouped_len, k // grouped_len
+  pad = groups * group_size - inner
+
+  def split(a):
+    a = a.reshape(a.shape[:2] + (outer, inner))
+    if pad:
+      a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    return a.reshape(a.shape[:2] + (outer, groups, group_size))
+
+  x5, w5 = split(qx3), split(qw3)
+  acc = lax.dot_general(x5, w5, (((2, 4), (2, 4)), ((0, 3), (0, 3))),
+                        preferred_element_type=jnp.int32)  # (B, G, M, N)
+  sums = jnp.sum(w5.astype(jnp.int32), axis=(2, 4))  # (B, N, G)
+  zx4 = zx3 if jnp.ndim(zx3) == 0 else zx3[:, None]  # per row: (B, 1, M, 1)
+  acc = acc - zx4 * jnp.transpose(sums, (0, 2, 1))[:, :, None, :]
+  return jnp.sum(acc.astype(jnp.float32) * jnp.transpose(scale3, (0, 2, 1))[:, :, None, :],
+                 axis=1)
+
+
+# Up to this many input rows, a dense layer computes ``(W @ x.T).T``: with the weights as the left
+# operand XLA:CPU streams them instead of packing them per call (1.3-1.5x faster at 8-32 rows of
+# a 4096 x 4096 layer; no gain from 256 rows).
+SWAP_ROWS = 64
+
+
+def int_matmul_nk(x, zx, values, n: int, k: int, packed: bool, kernel_sum):
+  """``x @ w.T - zx * kernel_sum`` in int32 for int8 ``x`` ``(M, K)`` and weights stored
+  ``(N, K)`` (``values``: int8, or for ``packed`` 4-bit weights the flat packed bytes).
+
+  The weights are read in their stored order, contracting the minor dimension of both operands:
+  no transpose and no repacking of the weights per call. Packed 4-bit weights with an even ``K``
+  are not interleaved either: the low nibbles hold the even ``k`` and the high nibbles the odd
+  ``k``, so the product is ``x[:, 0::2] @ low.T + x[:, 1::2] @ high.T`` (the same int32 sums).
+  For few rows the product is computed as ``(w @ x.T).T`` (see ``SWAP_ROWS``), and a single row
+  is padded to two: XLA:CPU lowers a one-row int8 dot to an int32 one that converts the whole
+  kernel (20-50x slower). Every variant gives the same int32 values. ``zx`` is a scalar or one
+  zero point per row (``(M, 1)``).
+  """
+  rows = x.shape[0] if isinstance(x.shape[0], int) else None  # None: symbolic (jax.export)
+  if rows == 1:
+    x = jnp.concatenate([x, jnp.zeros_like(x)])
+  swap = rows is not None and rows <= SWAP_ROWS
+  nt = (((1,), (1,)), ((), ()))
+
+  def dot(a, w):  # a (m, kk) . w (n, kk) over kk -> (m, n), or (n, m) when swapped
+    return lax.dot_general(w, a, nt, preferred_element_type=jnp.int32) if swap else \
+        lax.dot_general(a, w, nt, preferred_element_type=jnp.int32)
+
+  if packed and k % 2 == 0:
+    lo, hi = int4_nibbles(values)
+    acc = dot(x[:, 0::2], lo.reshape(n, k // 2)) + dot(x[:, 1::2], hi.reshape(n, k // 2))
+  else:
+    w = unpack_int4(values, (n, k)) if packed else values.reshape(n, k)
+    acc = dot(x, w)
+  if swap:  # the barrier keeps XLA from folding the transpose back into the dot
+    acc = lax.optimization_barrier(acc).T
+  if rows == 1:
+    acc = acc[:1]
+  return acc - zx * kernel_sum
+
+
+def int4_nibbles(packed):
+  """Signed low and high nibbles of packed 4-bit values, int8 (sign-extended by shifts)."""
+  p = lax.bitcast_convert_type(jnp.asarray(packed, jnp.uint8), jnp.int8)
+  four = jnp.int8(4)
+  return lax.shift_right_arithmetic(lax.shift_left(p, four), four), \
+      lax.shift_right_arithmetic(p, four)
+
+
+# Largest contraction size whose float32 sums of (qx - zx) * qw are exact integers:
+# |qx - zx| <= 255, |qw| <= 128, so every partial sum is an integer of magnitude < 2**24.
+EXACT_F32_K = (2**24 - 1) // (255 * 128)  # 514
+# Convolutions with this many input channels (per group) or fewer -- an image model's first
+# layer, depthwise layers -- are evaluated exactly in float32 on CPU (see int_conv).
+FEW_CHANNELS = 4
+
+
+def int_conv(qx, zx, qw, kernel_sum, *, strides, pads, lhs_dilation, rhs_dilation,
+             feature_group_count: int):
+  """Integer convolution (NHWC / HWIO). The input is padded with its own zero point, so the
+  correction ``zx * kernel_sum`` is the same at every output position.
+
+  Returns ``conv(qx, qw) - zx * kernel_sum``: int32, or, for few-channel kernels on CPU (at most
+  ``FEW_CHANNELS`` input channels per group and at most ``EXACT_F32_K`` products per output),
+  the same integers as float32. That case computes ``conv(float(qx - zx), float(qw))``, whose
+  every partial sum is an integer below 2**24, hence exact: bitwise the int32 result. XLA:CPU
+  fuses such a float conv with its rescale / ReLU / pooling / requantization, while an int8 conv
+  with a handful of input channels is slower than its float counterpart and writes an int32
+  tensor that needs another pass (measured: first layer of an MNIST CNN at batch 256, about 25 ms
+  -> 3 ms).
+  """
+  k = math.prod(qw.shape[:-1])
+  if qw.shape[-2] <= FEW_CHANNELS and k <= EXACT_F32_K and jax.default_backend() == "cpu":
+    x = qx.astype(jnp.float32) - zx.astype(jnp.float32)  # padding value 0 == zero point
+    dn = lax.conv_dimension_numbers(x.shape, qw.shape, _dims(x.ndim))
+    return lax.conv_general_dilated(x, qw.astype(jnp.float32), strides,
+                                    [(int(lo), int(hi)) for lo, hi in pads],
+                                    lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                    dimension_numbers=dn, feature_group_count=feature_group_count,
+                                    precision=lax.Precision.HIGHEST)
+  config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation)] + [(0, 0, 0)]
+  qx = lax.pad(qx, zx.astype(jnp.int8), config)
+  nd = qx.ndim
+  dn = lax.conv_dimension_numbers(qx.shape, qw.shape, _dims(nd))
+  acc = lax.conv_general_dilated(qx, qw, strides, "VALID", rhs_dilation=rhs_dilation,
+                                 dimension_numbers=dn, feature_group_count=feature_group_count,
+                                 preferred_element_type=jnp.int32)
+  return acc - zx * kernel_sum
+
+
+def _dims(nd: int):
+  spatial = {1: "W", 2: "HW", 3: "DHW"}[nd - 2]
+  return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")

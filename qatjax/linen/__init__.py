@@ -1,0 +1,2 @@
+"""Flax Linen modules (``QDense``, ``QConv``, ...) and ``quantize_model``: thin users of the
+quantized ops through ``LinenContext``."""

@@ -1,0 +1,109 @@
+"""``QConv``: a drop-in for ``nn.Conv`` (1-D/2-D/3-D, strides, padding, dilation, groups), a thin
+user of the quantized convolution."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qatjax.core.config import QuantConfig
+from qatjax.core.qarray import QArray
+from qatjax.core.rules import QuantRules, resolve
+from qatjax.linen.context import LinenContext, module_path, weight
+from qatjax.ops import conv as ops_conv
+from qatjax.ops.conv import ConvGeometry
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def conv(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
+  """``nn.Conv.__call__`` with quantization, on any bound module with Conv's fields.
+
+  ``kernel_transform(kernel) -> (kernel, post)`` lets ``QConvBN`` fold BatchNorm into the kernel
+  before it is quantized; ``post(y)`` then maps the conv output back (before the bias).
+  """
+  path = module_path(m)
+  geometry = ConvGeometry.of(m, inputs.shape, path)
+  if getattr(m, "mask", None) is not None:
+    raise ValueError(f"layer {path}: masked convolutions are not supported")
+  n_batch = inputs.ndim - (len(geometry.kernel_size) + 1)
+  batch_shape = inputs.shape[:n_batch]
+  if n_batch != 1:
+    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[n_batch:])
+  in_features = inputs.shape[-1]
+  if in_features % m.feature_group_count:
+    raise ValueError(f"layer {path}: input features {in_features} are not divisible by "
+                     f"feature_group_count={m.feature_group_count}")
+  kernel_shape = geometry.kernel_size + (in_features // m.feature_group_count, m.features)
+
+  def check(stored):
+    if stored != kernel_shape:
+      raise ValueError(f"layer {path}: input of shape {inputs.shape} needs a kernel of shape "
+                       f"{kernel_shape}, but the stored kernel is {stored}")
+
+  kernel = weight(m, "kernel", m.kernel_init, kernel_shape, m.param_dtype, check=check)
+  post = None
+  if isinstance(kernel, QArray):
+    bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
+  else:
+    bias = m.param("bias", m.bias_init, (m.features,), m.param_dtype) if m.use_bias else None
+    if kernel_transform is not None:
+      kernel, post = kernel_transform(kernel)
+  wq, aq = (None, None) if cfg is None else (cfg.weight_quant, cfg.act_quant)
+  y = ops_conv.conv(LinenContext(m), inputs, kernel, wq, aq, geometry,
+                    feature_group_count=m.feature_group_count, precision=m.precision,
+                    dtype=m.dtype)
+  if post is not None:
+    y = post(y)
+  if bias is not None:
+    y += jnp.asarray(bias, y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+  if n_batch != 1:
+    y = jnp.reshape(y, batch_shape + y.shape[1:])
+  return y
+
+
+class QConv(nn.Module):
+  """A quantized ``nn.Conv`` (channels-last; 1-D, 2-D or 3-D).
+
+  Mirrors ``nn.Conv``'s fields and its ``kernel`` / ``bias`` parameters, including strides,
+  ``SAME`` / ``VALID`` / explicit / ``CIRCULAR`` / ``REFLECT`` / ``CAUSAL`` padding, input and kernel
+  dilation and ``feature_group_count`` (depthwise when equal to the input features). Weights get
+  one scale per output channel by default. After :func:`qatjax.convert` it runs an int8 x int8 ->
+  int32 convolution; the input is padded with its zero point, so padding stays exact.
+
+  Attributes:
+    features: output channels.
+    kernel_size: int or tuple of spatial kernel sizes.
+    config: a :class:`QuantConfig`, :class:`QuantRules` or ``None`` (plain ``nn.Conv``).
+    strides, padding, input_dilation, kernel_dilation, feature_group_count, use_bias, dtype,
+    param_dtype, precision, kernel_init, bias_init: as ``nn.Conv``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> conv = QConv(8, (3, 3), config=QuantConfig(weight_bits=4, act_bits=8))
+    >>> v = conv.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))
+    >>> v["params"]["kernel"].shape, conv.apply(v, jnp.ones((1, 6, 6, 3))).shape
+    ((3, 3, 3, 8), (1, 6, 6, 8))
+  """
+
+  features: int
+  kernel_size: int | Sequence[int]
+  config: QuantConfig | QuantRules | None = None
+  strides: int | Sequence[int] | None = 1
+  padding: Any = "SAME"
+  input_dilation: int | Sequence[int] | None = 1
+  kernel_dilation: int | Sequence[int] | None = 1
+  feature_group_count: int = 1
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = default_kernel_init
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs):
+    """Applies the (quantized) convolution to ``inputs`` of shape ``(*batch, *spatial, C)``."""
+    return conv(self, inputs, resolve(self.config, module_path(self)))

@@ -1,0 +1,80 @@
+"""``from_float``: QAT variables from a trained float model's variables."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from qatjax.ops.registry import is_quantizer_param
+
+
+def _flat_paths(tree):
+  """``{'Dense_0/kernel': leaf}`` of a (boxed or plain) collection."""
+  return traverse_util.flatten_dict(nn.unbox(dict(tree)), sep="/") if tree else {}
+
+
+def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) -> dict:
+  """QAT variables for ``qmodel`` from a trained float model's variables and an example batch.
+
+  Copies every float ``params`` / ``batch_stats`` leaf to the same path of the QAT model, then
+  runs ``qmodel`` once on ``args`` with the float weights to initialise the quantizers: LSQ steps
+  from LSQ's rule on the float kernels (``2 * mean(|w|) / sqrt(qmax)``), activation scales and
+  observer statistics from this batch. Float leaves are returned unchanged (``batch_stats`` is
+  not updated by the example batch).
+
+  Args:
+    qmodel: the quantized model (``QDense`` / ``QConv`` layers, or :func:`quantize_model`).
+    float_variables: ``{"params": ..., "batch_stats": ...}`` of the float model, same paths.
+    *args: an example batch (and any other positional ``__call__`` arguments).
+    rng: PRNG key for any parameter the float model lacks (default ``key(0)``).
+    **kwargs: keyword arguments for ``qmodel.__call__`` (e.g. ``train=False``).
+
+  Returns:
+    A variables dict: ``params``, ``quant_stats`` and, if any, ``batch_stats``.
+
+  Raises:
+    ValueError: naming a path the float variables lack, or one they have and ``qmodel`` lacks or
+      has with another shape.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> x = jnp.ones((4, 3))
+    >>> fvars = nn.Dense(2).init(jax.random.key(0), x)
+    >>> qvars = from_float(QDense(2, config=QuantConfig(method="lsq")), fvars, x)
+    >>> bool((qvars["params"]["kernel"] == fvars["params"]["kernel"]).all())
+    True
+  """
+  rng = jax.random.key(0) if rng is None else rng
+  ref = jax.eval_shape(lambda: qmodel.init(rng, *args, **kwargs))
+  float_cols = {c: float_variables[c] for c in ("params", "batch_stats") if c in float_variables}
+  if "params" not in float_cols:
+    raise ValueError(f"float_variables has no 'params' collection (got {sorted(float_variables)})")
+  for col, tree in float_cols.items():
+    want, have = _flat_paths(ref.get(col, {})), _flat_paths(tree)
+    for path, leaf in have.items():
+      if path not in want:
+        raise ValueError(f"from_float: float variable {col}/{path} has no counterpart in the "
+                         f"quantized model (extra path)")
+      if tuple(jnp.shape(leaf)) != tuple(want[path].shape):
+        raise ValueError(f"from_float: {col}/{path} has shape {tuple(jnp.shape(leaf))} in the "
+                         f"float variables but {tuple(want[path].shape)} in the quantized model")
+    for path in want:
+      if path not in have and not is_quantizer_param(path.rsplit("/", 1)[-1]):
+        raise ValueError(f"from_float: the float variables lack {col}/{path} (missing path)")
+  # Jitted: one compilation is much faster than running every quantizer's init eagerly.
+  is_array = [isinstance(a, (jax.Array, np.ndarray)) for a in args]
+
+  def init_quantizers(cols, arrays, key):
+    it = iter(arrays)
+    full = [next(it) if arr else a for a, arr in zip(args, is_array)]
+    return qmodel.apply(cols, *full, rngs={"params": key}, mutable=list(ref), **kwargs)[1]
+
+  arrays = [a for a, arr in zip(args, is_array) if arr]
+  new = jax.jit(init_quantizers)(float_cols, arrays, rng)
+  out = {c: new[c] for c in ref if c in new}
+  for col, tree in float_cols.items():
+    out[col] = traverse_util.unflatten_dict({**_flat_paths(new[col]), **_flat_paths(tree)}, sep="/")
+  return out

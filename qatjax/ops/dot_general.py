@@ -1,0 +1,114 @@
+"""The quantized ``dot_general`` of an activation and a weight.
+
+One op serves ``Dense``, ``DenseGeneral`` (kernels of any rank) and ``Embed.attend``. It owns:
+
+* **training**: the activation (``lhs``) and the weight (``rhs``) fake-quantized with their
+  specs, then ``lax.dot_general`` in the layer's dtype;
+* **what convert records**: the weight as a :class:`~qatjax.core.qarray.QArray` stored in the
+  order the integer kernel reads (``DotLayout.rhs_perm``), its zero-point correction sums
+  (``<weight>_sum``) and the input's frozen scale and zero point;
+* **integer serving** (when ``rhs`` is a ``QArray``): ``int8 x int8 -> int32`` (Jacob et al.
+  2018), rescaled per channel, per group, or weight-only (the weight dequantized).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.core.int_kernels import (DotLayout, int_matmul, int_matmul_grouped, int_matmul_nk,
+                                     quantize_input_int8)
+from qatjax.core.qarray import QArray
+from qatjax.ops.context import QuantContext, flags
+from qatjax.ops.quantizers import (quantize_act, quantize_weight, record_act, weight_layout,
+                                    weight_qarray)
+from qatjax.ops.registry import act_leaf
+
+
+def canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int):
+  """``dot_general`` dimension numbers as tuples of non-negative ints."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  norm = lambda axes, nd: tuple(int(a) % nd for a in axes)  # noqa: E731
+  return ((norm(lc, lhs_ndim), norm(rc, rhs_ndim)), (norm(lb, lhs_ndim), norm(rb, rhs_ndim)))
+
+
+def dot_general(ctx: QuantContext, lhs, rhs, dimension_numbers, weight_q: WeightQuant | None,
+                act_q: ActQuant | None, *, weight: str = "kernel", site: str = "input",
+                group_axis: int | None = None, precision=None, dtype=None):
+  """Quantized ``lax.dot_general(lhs, rhs, dimension_numbers)``.
+
+  Args:
+    ctx: the layer's state.
+    lhs: the activation.
+    rhs: the weight (float), or the :class:`QArray` ``convert`` stored (integer serving).
+    dimension_numbers: as ``lax.dot_general``'s.
+    weight_q: the weight's spec (``None``: float weight).
+    act_q: the activation's spec (``None``: float activation).
+    weight: the weight's parameter name (``"kernel"``, ``"embedding"``).
+    site: the activation quantizer's name prefix.
+    group_axis: the contracted weight axis the groups run along (default: the last contracted).
+    precision: as ``lax.dot_general``'s (float paths).
+    dtype: the computation dtype (``None``: promoted from the operands), as Flax's layers.
+
+  Returns:
+    The product, shaped as ``lax.dot_general``'s.
+  """
+  dims = canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+  if isinstance(rhs, QArray):
+    return _serve(ctx, lhs, rhs, dims, act_q, weight, site)
+  if weight_q is not None or act_q is not None:
+    enabled, observe = flags(ctx)
+    lhs, act = quantize_act(ctx, lhs, act_q, enabled, observe, site)
+    if weight_q is not None:
+      layout = weight_layout(weight_q, rhs.shape, dims[0][1], group_axis)
+      w = rhs
+      rhs, scale = quantize_weight(ctx, rhs, weight_q, enabled, layout, weight)
+      if ctx.recording:
+        perm = DotLayout.of(lhs.shape, w.shape, dims, layout.group_axis).rhs_perm
+        qa = weight_qarray(w, scale, weight_q, layout,
+                           perm=None if perm == tuple(range(w.ndim)) else perm)
+        ctx.record(weight, qa)
+        if layout.group_axis is None:
+          ctx.record(f"{weight}_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=dims[0][1],
+                                              keepdims=True))
+        record_act(ctx, act, site)
+  lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
+  return lax.dot_general(lhs, rhs, dims, precision=precision)
+
+
+def _is_canonical(qa: QArray, dl: DotLayout) -> bool:
+  """Whether the weight is stored in the order the kernel reads (what ``convert`` writes)."""
+  return (tuple(range(len(qa.shape))) if qa.perm is None else qa.perm) == dl.rhs_perm
+
+
+def _weight3(qa: QArray, dl: DotLayout):
+  """The weight's integers as ``(B, N, K)`` int8 (no transpose when stored canonically)."""
+  if _is_canonical(qa, dl):
+    return qa.stored().reshape(dl.b, dl.n, dl.k)
+  return dl.rhs3(qa.unpack())
+
+
+def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
+  """Integer serving of a converted weight (the bias is the layer's)."""
+  s = ctx.converted(act_leaf(site, "scale")) if act_q is not None else None
+  if s is None:  # weight-only: dequantize the weight, float product
+    return lax.dot_general(lhs, qa.dequantize(), dims)
+  z = ctx.converted(act_leaf(site, "zero_point"))
+  qx, zx = quantize_input_int8(lhs, s, z, act_q.qmin, act_q.qmax)
+  dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis if qa.group_size else None)
+  if qa.group_size is not None:
+    y3 = int_matmul_grouped(dl.lhs3(qx), zx, _weight3(qa, dl), dl.rhs_param(qa.scale),
+                            qa.group_size, qa.shape[qa.axis]) * s
+    return dl.out(y3)
+  ksum = dl.rhs_param(ctx.converted(f"{weight}_sum"))
+  sw = dl.rhs_param(qa.scale)
+  if dl.b == 1 and _is_canonical(qa, dl):  # the layout XLA:CPU's int8 matmul reads fastest
+    ks = ksum.reshape(-1) if ksum.ndim else ksum
+    acc = int_matmul_nk(dl.lhs3(qx)[0], zx, qa.values, dl.n, dl.k, qa.packed, ks)[None]
+  else:
+    acc = int_matmul(dl.lhs3(qx), zx, _weight3(qa, dl), ksum if ksum.ndim == 0
+                     else jnp.swapaxes(ksum, 1, 2))
+  sw = sw if sw.ndim == 0 else jnp.swapaxes(sw, 1, 2)
+  return dl.out(acc.astype(jnp.float32) * (s * sw))

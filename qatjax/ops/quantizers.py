@@ -1,0 +1,235 @@
+"""Weight and activation quantizers of the quantized ops, with their state in a ``QuantContext``.
+
+Each quantizer takes a resolved spec (:class:`~qatjax.core.config.WeightQuant` /
+:class:`~qatjax.core.config.ActQuant`) and returns the fake-quantized tensor plus what
+``convert`` needs to store the integers. State (per layer; names from :mod:`qatjax.ops.registry`):
+
+* observer activations: statistics ``input_min``, ``input_max``, ``input_count``;
+* LSQ: parameters ``kernel_scale`` (``embedding_scale``), ``input_scale`` and, affine,
+  ``input_zero_point`` (Esser et al. 2020; Bhalgat et al. 2020);
+* PACT: parameter ``input_alpha`` (Choi et al. 2018).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qatjax.core import calibration as cal
+from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.core.fake_quant import (broadcast_fake_quant, clamp_scale, fake_quant,
+                                    lsq_fake_quant, lsq_grad_scale, pact)
+from qatjax.core.granularity import num_groups
+from qatjax.core.qarray import QArray
+from qatjax.core.quantize import broadcast_quantize
+from qatjax.core.ranges import scale_zero_point
+from qatjax.ops.context import QuantContext
+from qatjax.ops.registry import act_leaf, weight_scale
+
+# --- activations ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ActParams:
+  """The scale and zero point an activation was quantized with, and whether they are set
+  (an observer that has seen no batch yet is not)."""
+
+  scale: jax.Array
+  zero_point: jax.Array
+  ready: jax.Array
+
+
+def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
+  zeros = lambda dtype: (lambda: jnp.zeros((), dtype))  # noqa: E731
+  v_min = ctx.stat(act_leaf(site, "min"), zeros(jnp.float32))
+  v_max = ctx.stat(act_leaf(site, "max"), zeros(jnp.float32))
+  v_cnt = ctx.stat(act_leaf(site, "count"), zeros(jnp.int32))
+  state = cal.RangeState(v_min.value, v_max.value, v_cnt.value)
+  if ctx.observing:
+    new = spec.calibrator.update(state, jax.lax.stop_gradient(x))
+    state = jax.tree_util.tree_map(lambda n, o: jnp.where(observe, n, o), new, state)
+    v_min.value, v_max.value, v_cnt.value = state
+  s, z = scale_zero_point(state.min, state.max, spec.qmin, spec.qmax, symmetric=spec.symmetric)
+  return s, z, state.count > 0
+
+
+def _lsq_input_init(x, spec: ActQuant):
+  """LSQ's first-batch init (Esser et al. 2020); affine (LSQ+): the batch's min/max range."""
+  x = jnp.asarray(x, jnp.float32)
+  if spec.symmetric:
+    return (clamp_scale(2.0 * jnp.mean(jnp.abs(x)) / math.sqrt(spec.qmax)),
+            jnp.zeros((), jnp.float32))
+  return scale_zero_point(jnp.min(x), jnp.max(x), spec.qmin, spec.qmax, symmetric=False)
+
+
+def quantize_act(ctx: QuantContext, x, spec: ActQuant | None, enabled, observe,
+                 site: str = "input"):
+  """Fake-quantizes the activation ``x`` at ``site``; returns ``(y, ActParams or None)``.
+
+  ``y`` is ``x`` itself while the layer is disabled or its observer has no range yet.
+  """
+  if spec is None:
+    return x, None
+  qmin, qmax = spec.qmin, spec.qmax
+  if spec.method == "pact":
+    alpha = ctx.param(act_leaf(site, "alpha"), lambda: jnp.asarray(spec.pact_init, jnp.float32))
+    y = pact(x, alpha, spec.bits)
+    s, z, ready = clamp_scale(alpha) / qmax, jnp.zeros((), jnp.float32), jnp.bool_(True)
+  elif spec.method == "lsq":
+    init = lambda: _lsq_input_init(x, spec)  # noqa: E731
+    s = ctx.param(act_leaf(site, "scale"), lambda: init()[0])
+    z = None if spec.symmetric else ctx.param(act_leaf(site, "zero_point"), lambda: init()[1])
+    per_example = x.size // x.shape[0] if x.ndim > 1 else x.size
+    y = lsq_fake_quant(x, s, z, qmin, qmax, grad_scale=lsq_grad_scale(per_example, qmax))
+    s = clamp_scale(s)
+    z = jnp.zeros((), jnp.float32) if z is None else jnp.clip(jnp.round(z), qmin, qmax)
+    ready = jnp.bool_(True)
+  else:
+    s, z, ready = _observer(ctx, x, spec, observe, site)
+    y = fake_quant(x, s, z, qmin, qmax)
+  return jnp.where(enabled & ready, y, x), ActParams(s, z, ready)
+
+
+def record_act(ctx: QuantContext, act: ActParams | None, site: str = "input",
+               calibrated: bool = False) -> None:
+  """Records an activation's frozen scale and zero point for ``convert`` (and, with
+  ``calibrated``, whether they are set: a standalone activation quantizer's exporters need it)."""
+  if act is None or not ctx.recording:
+    return
+  ctx.record(act_leaf(site, "scale"), act.scale)
+  ctx.record(act_leaf(site, "zero_point"), act.zero_point)
+  if calibrated:
+    ctx.record(act_leaf(site, "calibrated"), act.ready)
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+  """Where a weight tensor's scales live, for one :class:`WeightQuant`.
+
+  Attributes:
+    shape: the weight's shape.
+    contract: the axes the op contracts (a scale is shared along them); the other axes are
+      channels, each with its own scale (``"per_channel"``).
+    group_axis: the contracted axis along which groups run (``"per_group"``), else ``None``.
+    group_size: the group length, else ``None``.
+    bshape: the scale's shape broadcast against the weight: 1 along contracted axes, the number
+      of groups along ``group_axis``, the channel sizes elsewhere (all 1: per tensor).
+    param_shape: the learned (LSQ) scale's shape: ``()`` per tensor, ``(channels,)`` flattened
+      per channel, ``bshape`` per group.
+  """
+
+  shape: tuple[int, ...]
+  contract: tuple[int, ...]
+  group_axis: int | None
+  group_size: int | None
+  bshape: tuple[int, ...]
+  param_shape: tuple[int, ...]
+
+  @property
+  def numel_per_scale(self) -> int:
+    return math.prod(self.shape) // max(math.prod(self.param_shape), 1)
+
+
+def weight_layout(spec: WeightQuant, shape, contract, group_axis: int | None = None):
+  """The :class:`WeightLayout` of a weight of ``shape`` whose ``contract`` axes an op sums over.
+
+  Groups run along ``group_axis`` (default: the last contracted axis).
+  """
+  shape, contract = tuple(shape), tuple(sorted(a % len(shape) for a in contract))
+  if spec.granularity == "per_tensor":
+    ones = (1,) * len(shape)
+    return WeightLayout(shape, contract, None, None, ones, ())
+  if spec.granularity == "per_channel":
+    bshape = tuple(1 if a in contract else d for a, d in enumerate(shape))
+    return WeightLayout(shape, contract, None, None, bshape, (math.prod(bshape),))
+  g_axis = contract[-1] if group_axis is None else group_axis % len(shape)
+  g = spec.group_size
+  bshape = tuple(num_groups(d, g) if a == g_axis else 1 if a in contract else d
+                 for a, d in enumerate(shape))
+  return WeightLayout(shape, contract, g_axis, g, bshape, bshape)
+
+
+def _expand(s, layout: WeightLayout):
+  """A ``bshape`` scale repeated over its groups (broadcasts against the weight)."""
+  if layout.group_axis is None:
+    return s
+  full = jnp.repeat(s, layout.group_size, axis=layout.group_axis)
+  return jax.lax.slice_in_dim(full, 0, layout.shape[layout.group_axis], axis=layout.group_axis)
+
+
+def _abs_reduce(w, layout: WeightLayout, fn):
+  """``fn`` (nanmax / nanmean) of ``|w|`` per scale, shaped ``layout.bshape``."""
+  a = jnp.abs(jnp.asarray(w, jnp.float32))
+  if layout.group_axis is None:
+    if all(d == 1 for d in layout.bshape):
+      return fn(a).reshape(layout.bshape)
+    return fn(a, axis=layout.contract, keepdims=True)
+  ax, g = layout.group_axis, layout.group_size
+  n = layout.bshape[ax]
+  pad = [(0, 0)] * a.ndim
+  pad[ax] = (0, n * g - a.shape[ax])
+  a = jnp.pad(a, pad, constant_values=jnp.nan)
+  a = a.reshape(a.shape[:ax] + (n, g) + a.shape[ax + 1:])
+  axes = tuple(d + (d > ax) for d in layout.contract if d != ax) + (ax + 1,)
+  return fn(a, axis=axes, keepdims=True).reshape(layout.bshape)
+
+
+def _observer_scale(w, spec: WeightQuant, layout: WeightLayout):
+  """Symmetric scale from the weight's current range (min/max or MSE search), no gradient."""
+  w = jax.lax.stop_gradient(w)
+  if spec.calibration == "mse" and layout.group_axis is None:
+    channels = tuple(a for a in range(w.ndim) if a not in layout.contract)
+    if all(d == 1 for d in layout.bshape):
+      flat, axis = w, None
+    elif len(channels) == 1:
+      flat, axis = w, channels[0]
+    else:  # several channel axes: one column per channel
+      flat = jnp.transpose(w, layout.contract + channels).reshape(-1, math.prod(layout.param_shape))
+      axis = 1
+    lo, hi = cal.batch_mse_range(flat, spec.qmin, spec.qmax, symmetric=True, axis=axis)
+    s = scale_zero_point(lo, hi, spec.qmin, spec.qmax, symmetric=True)[0]
+    return s.reshape(layout.bshape)
+  m = _abs_reduce(w, layout, jnp.nanmax)
+  return scale_zero_point(-m, m, spec.qmin, spec.qmax, symmetric=True)[0]
+
+
+def lsq_weight_init(w, spec: WeightQuant, layout: WeightLayout):
+  """LSQ's initial weight step ``2 * mean(|w|) / sqrt(qmax)`` per scale, ``param_shape``d."""
+  s = clamp_scale(2.0 * _abs_reduce(w, layout, jnp.nanmean) / math.sqrt(spec.qmax))
+  return s.reshape(layout.param_shape)
+
+
+def quantize_weight(ctx: QuantContext, w, spec: WeightQuant | None, enabled, layout: WeightLayout,
+                    name: str = "kernel"):
+  """Fake-quantizes the weight ``w``; returns ``(y, scale)`` (``scale`` shaped ``bshape``).
+
+  ``y`` is ``w`` itself while the layer is disabled.
+  """
+  if spec is None:
+    return w, None
+  if spec.method == "lsq":
+    s = ctx.param(weight_scale(name), lambda: lsq_weight_init(w, spec, layout))
+    if jnp.shape(s) != layout.param_shape:
+      raise ValueError(f"layer {ctx.path}: {weight_scale(name)} has shape {jnp.shape(s)}, "
+                       f"expected {layout.param_shape} for {spec.granularity}")
+    s = jnp.reshape(s, layout.bshape)
+    y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax, learned=True,
+                             grad_scale=lsq_grad_scale(layout.numel_per_scale, spec.qmax))
+    s = clamp_scale(s)
+  else:
+    s = _observer_scale(w, spec, layout)
+    y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax)
+  return jnp.where(enabled, y, w), s
+
+
+def weight_qarray(w, s, spec: WeightQuant, layout: WeightLayout, perm=None) -> QArray:
+  """The integers ``convert`` stores for ``w`` quantized with scale ``s`` (``bshape``)."""
+  q = broadcast_quantize(jax.lax.stop_gradient(w), _expand(s, layout), spec.qmin, spec.qmax)
+  return QArray.create(q, jax.lax.stop_gradient(s), bits=spec.bits, axis=layout.group_axis,
+                       group_size=layout.group_size, perm=perm)
