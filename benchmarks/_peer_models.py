@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -98,25 +99,41 @@ def float_variant(arch: str) -> Variant:
 
 def qatjax_variant(arch: str, bits: int, method: str) -> Variant:
   cfg = qatjax.QuantConfig(bits, bits, method=method)
-  model = build(arch, functools.partial(qatjax.QDense, config=cfg),
-                functools.partial(qatjax.QConv, config=cfg))
-  return Variant(f"qatjax W{bits}A{bits} {method}", "qatjax", model, ("quant_stats",),
-                 from_float=lambda fv, x: qatjax.from_float(model, fv, x))
+  model = build(
+    arch, functools.partial(qatjax.QDense, config=cfg), functools.partial(qatjax.QConv, config=cfg)
+  )
+  return Variant(
+    f"qatjax W{bits}A{bits} {method}",
+    "qatjax",
+    model,
+    ("quant_stats",),
+    from_float=lambda fv, x: qatjax.from_float(model, fv, x),
+  )
 
 
 def _qwix_qtype(bits: int) -> str:
   return {8: "int8", 4: "int4", 2: "int2"}[bits]
 
 
-def qwix_variant(arch: str, bits: int, *, static: bool = True, act_bits: int | None = None,
-                 disable_jit: bool = False) -> Variant:
+def qwix_variant(
+  arch: str,
+  bits: int,
+  *,
+  static: bool = True,
+  act_bits: int | None = None,
+  disable_jit: bool = False,
+) -> Variant:
   """qwix QAT (``QtProvider``) on the unmodified float model; ``static``: static-range
   activation scales kept in ``quant_stats`` (else per-example dynamic scales)."""
   import qwix  # optional peer
 
   act_bits = bits if act_bits is None else act_bits
-  rule = qwix.QtRule(module_path=".*", weight_qtype=_qwix_qtype(bits),
-                     act_qtype=_qwix_qtype(act_bits), act_static_scale=static)
+  rule = qwix.QtRule(
+    module_path=".*",
+    weight_qtype=_qwix_qtype(bits),
+    act_qtype=_qwix_qtype(act_bits),
+    act_static_scale=static,
+  )
   model = qwix.quantize_model(build(arch), qwix.QtProvider([rule], disable_jit=disable_jit))
   kind = "static" if static else "dynamic"
   name = f"qwix W{bits}A{act_bits}" + ("" if static else f" ({kind} act)")
@@ -127,13 +144,23 @@ def qwix_variant(arch: str, bits: int, *, static: bool = True, act_bits: int | N
     # with static activation scales raises UnexpectedTracerError (the variable is created inside
     # conv_general_qt's custom_vjp) and an eager init is slow, so build them from eval_shape.
     ref = jax.eval_shape(model.init, jax.random.key(0), x)
-    out = {k: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-           for k, t in ref.items() if k != "params"}
+    out = {
+      k: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+      for k, t in ref.items()
+      if k != "params"
+    }
     out["params"] = fv["params"]
     return out
 
-  return Variant(name, "qwix", model, ("quant_stats",) if static else (), note=f"{kind} act scale",
-                 from_float=init_from_float, jit_from_float=False)
+  return Variant(
+    name,
+    "qwix",
+    model,
+    ("quant_stats",) if static else (),
+    note=f"{kind} act scale",
+    from_float=init_from_float,
+    jit_from_float=False,
+  )
 
 
 def aqt_variant(arch: str, bits: int, *, conv: str = "unsupported") -> Variant:
@@ -146,28 +173,38 @@ def aqt_variant(arch: str, bits: int, *, conv: str = "unsupported") -> Variant:
   from aqt.jax.v2 import config as aqt_config  # optional peer
   from aqt.jax.v2.flax import aqt_flax
 
-  cfg = aqt_config.config_v4(fwd_bits=bits, dlhs_bits=None, drhs_bits=None,
-                             fwd_accumulator_dtype=jnp.int32)
-  dg = functools.partial(aqt_flax.AqtDotGeneral, cfg, lhs_quant_mode=aqt_flax.QuantMode.TRAIN,
-                         rhs_quant_mode=aqt_flax.QuantMode.TRAIN,
-                         rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
-                         use_legacy_freezer=False)
+  cfg = aqt_config.config_v4(
+    fwd_bits=bits, dlhs_bits=None, drhs_bits=None, fwd_accumulator_dtype=jnp.int32
+  )
+  dg = functools.partial(
+    aqt_flax.AqtDotGeneral,
+    cfg,
+    lhs_quant_mode=aqt_flax.QuantMode.TRAIN,
+    rhs_quant_mode=aqt_flax.QuantMode.TRAIN,
+    rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
+    use_legacy_freezer=False,
+  )
   dense = functools.partial(nn.Dense, dot_general_cls=dg)
   note = "fwd int, bwd float"
   conv_factory = nn.Conv
   name = f"AQT W{bits}A{bits}"
   if arch == "cnn":
     if conv == "unsupported":
-      raise NotImplementedError("AQT conv has no QAT: AqtConvGeneralDilated quantizes the forward "
-                                "pass only and gives the kernel a zero gradient")
+      raise NotImplementedError(
+        "AQT conv has no QAT: AqtConvGeneralDilated quantizes the forward "
+        "pass only and gives the kernel a zero gradient"
+      )
     if conv == "forward":
       from aqt.jax.v2 import aqt_conv_general
 
       conv_cfg = aqt_config.default_unquantized_config()
       conv_cfg.fwd = aqt_conv_general.conv_general_dilated_make(2, bits, bits)
-      cg = functools.partial(aqt_flax.AqtConvGeneralDilated, conv_cfg,
-                             lhs_quant_mode=aqt_flax.QuantMode.TRAIN,
-                             rhs_quant_mode=aqt_flax.QuantMode.TRAIN)
+      cg = functools.partial(
+        aqt_flax.AqtConvGeneralDilated,
+        conv_cfg,
+        lhs_quant_mode=aqt_flax.QuantMode.TRAIN,
+        rhs_quant_mode=aqt_flax.QuantMode.TRAIN,
+      )
       conv_factory = functools.partial(nn.Conv, conv_general_dilated_cls=cg)
       note = "conv: int fwd, zero kernel grad (frozen); dense: fwd int, bwd float"
       name += " (conv fwd-only)"

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))  # run as a script: import the checkout's qatjax
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from _results import write_results  # noqa: E402
 
 import qatjax  # noqa: E402
-from _results import write_results  # noqa: E402
 
 QMIN, QMAX = -128, 127
 
@@ -43,8 +43,11 @@ def _fq(axis):
 
 def _lsq(axis, grad_scale):
   def f(x, s, z, dy):
-    y, vjp = jax.vjp(lambda x, s: qatjax.lsq_fake_quant(x, s, z, QMIN, QMAX, axis=axis,
-                                                        grad_scale=grad_scale), x, s)
+    y, vjp = jax.vjp(
+      lambda x, s: qatjax.lsq_fake_quant(x, s, z, QMIN, QMAX, axis=axis, grad_scale=grad_scale),
+      x,
+      s,
+    )
     dx, ds = vjp(dy)
     return y, dx, ds
 
@@ -69,7 +72,7 @@ def _time(cases, repeats, warmup=3):
 def _fusions(fn, args):
   """Number of fusion / custom kernels in the optimized HLO (a rough count of memory passes)."""
   text = fn.lower(*args).compile().as_text()
-  entry = text[text.find("ENTRY"):]
+  entry = text[text.find("ENTRY") :]
   return sum(1 for line in entry.splitlines() if " fusion(" in line or "custom-call(" in line)
 
 
@@ -91,43 +94,69 @@ def main():
 
   copy = jax.jit(lambda x: x * 1.0)
   cases = [
-      ("copy (x * 1.0)", copy, (x,)),
-      # Same memory traffic as fake_quant's forward + backward (read 2 arrays, write 2), for scale.
-      ("copy x and dy (reference)", jax.jit(lambda x, dy: (x * 1.0, dy * 1.0)), (x, dy)),
-      ("fake_quant per-tensor", _fq(None), (x, s_t, z_t, dy)),
-      ("fake_quant per-channel", _fq(-1), (x, s_c, z_c, dy)),
-      ("lsq_fake_quant per-tensor", _lsq(None, gf), (x, s_t, z_t, dy)),
-      ("lsq_fake_quant per-channel", _lsq(-1, gf), (x, s_c, z_c, dy)),
+    ("copy (x * 1.0)", copy, (x,)),
+    # Same memory traffic as fake_quant's forward + backward (read 2 arrays, write 2), for scale.
+    ("copy x and dy (reference)", jax.jit(lambda x, dy: (x * 1.0, dy * 1.0)), (x, dy)),
+    ("fake_quant per-tensor", _fq(None), (x, s_t, z_t, dy)),
+    ("fake_quant per-channel", _fq(-1), (x, s_c, z_c, dy)),
+    ("lsq_fake_quant per-tensor", _lsq(None, gf), (x, s_t, z_t, dy)),
+    ("lsq_fake_quant per-channel", _lsq(-1, gf), (x, s_c, z_c, dy)),
   ]
   rows = []
   timings = _time(cases, args.repeats)
   copy_ms, copy_min = timings[0]
   for (name, fn, fargs), (med, best) in zip(cases, timings):
-    rows.append(dict(name=name, median_ms=round(med, 4), min_ms=round(best, 4),
-                     ratio_to_copy=round(med / copy_ms, 3),
-                     min_ratio_to_copy=round(best / copy_min, 3), kernels=_fusions(fn, fargs)))
+    rows.append(
+      dict(
+        name=name,
+        median_ms=round(med, 4),
+        min_ms=round(best, 4),
+        ratio_to_copy=round(med / copy_ms, 3),
+        min_ratio_to_copy=round(best / copy_min, 3),
+        kernels=_fusions(fn, fargs),
+      )
+    )
 
   device = jax.devices()[0]
-  meta = dict(shape=[n, n], dtype="float32", repeats=args.repeats, jax=jax.__version__,
-              backend=jax.default_backend(), device=getattr(device, "device_kind", str(device)),
-              cpu=platform.processor() or platform.machine(), goal="ratio_to_copy <= 2.0")
-  print(f"fake quant forward+backward, ({n}, {n}) float32, {meta['backend']} "
-        f"({meta['device']}), median of {args.repeats}")
-  header = (f"{'kernel':<28} {'median ms':>10} {'x copy':>7} {'min ms':>9} {'x copy':>7} "
-            f"{'fusions':>8}")
+  meta = dict(
+    shape=[n, n],
+    dtype="float32",
+    repeats=args.repeats,
+    jax=jax.__version__,
+    backend=jax.default_backend(),
+    device=getattr(device, "device_kind", str(device)),
+    cpu=platform.processor() or platform.machine(),
+    goal="ratio_to_copy <= 2.0",
+  )
+  print(
+    f"fake quant forward+backward, ({n}, {n}) float32, {meta['backend']} "
+    f"({meta['device']}), median of {args.repeats}"
+  )
+  header = (
+    f"{'kernel':<28} {'median ms':>10} {'x copy':>7} {'min ms':>9} {'x copy':>7} {'fusions':>8}"
+  )
   print(header)
   print("-" * len(header))
   for r in rows:
     flag = "" if r["ratio_to_copy"] <= 2.0 or "copy" in r["name"] else "  (over 2x)"
-    print(f"{r['name']:<28} {r['median_ms']:>10.3f} {r['ratio_to_copy']:>7.2f} "
-          f"{r['min_ms']:>9.3f} {r['min_ratio_to_copy']:>7.2f} {r['kernels']:>8}{flag}")
+    print(
+      f"{r['name']:<28} {r['median_ms']:>10.3f} {r['ratio_to_copy']:>7.2f} "
+      f"{r['min_ms']:>9.3f} {r['min_ratio_to_copy']:>7.2f} {r['kernels']:>8}{flag}"
+    )
 
-  md = [f"({n}, {n}) float32, forward + backward (`jax.vjp`, cotangent applied), "
-        f"{meta['backend']} ({meta['device']}), median of {args.repeats} runs; goal: within 2x "
-        "of a jitted copy.", "",
-        "| kernel | median ms | x copy (median) | min ms | x copy (min) |", "|---|---|---|---|---|"]
-  md += [f"| {r['name']} | {r['median_ms']:.3f} | {r['ratio_to_copy']:.2f} | {r['min_ms']:.3f} | "
-         f"{r['min_ratio_to_copy']:.2f} |" for r in rows]
+  md = [
+    f"({n}, {n}) float32, forward + backward (`jax.vjp`, cotangent applied), "
+    f"{meta['backend']} ({meta['device']}), median of {args.repeats} runs; goal: within 2x "
+    "of a jitted copy.",
+    "",
+    "| kernel | median ms | x copy (median) | min ms | x copy (min) |",
+    "|---|---|---|---|---|",
+  ]
+  md += [
+    f"| {r['name']} | {r['median_ms']:.3f} | {r['ratio_to_copy']:.2f} | {r['min_ms']:.3f} | "
+    f"{r['min_ratio_to_copy']:.2f} |"
+    for r in rows
+  ]
   write_results(args.out, "fake_quant", dict(meta=meta, results=rows), "\n".join(md))
 
 

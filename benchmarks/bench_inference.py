@@ -10,9 +10,10 @@ give bitwise the same outputs (checked).
 
 Every variant is ``jax.jit(model.apply)(variables, x)`` with the variables passed as arguments (as
 a server holding weights in memory would), plus int4 with the variables closed over ("int4
-const": compile-time constants, as in ``export_stablehlo``; XLA folds the 4-bit unpacking). Timing: 3 warm-up calls, then interleaved rounds (each
-round times every variant once, in rotating order, over enough calls to last ~30 ms); the median
-per-call time over rounds is reported. Also reported: model bytes (``qatjax`` ``model_size``).
+const": compile-time constants, as in ``export_stablehlo``; XLA folds the 4-bit unpacking).
+Timing: 3 warm-up calls, then interleaved rounds (each round times every variant once, in
+rotating order, over enough calls to last ~30 ms); the median per-call time over rounds is
+reported. Also reported: model bytes (``qatjax`` ``model_size``).
 
 Usage: python benchmarks/bench_inference.py [--rounds 15] [--quick]
 Writes benchmarks/results/inference.json and inference.md.
@@ -31,11 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from qatjax import QArray, QConv, QDense, QuantConfig, convert
-from qatjax import _int_ops
-from qatjax import model_size
 from _results import write_results
+
+from qatjax import QArray, QConv, QDense, QuantConfig, _int_ops, convert, model_size
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 GOALS = {"mnist_mlp": 1.2, "cnn": 1.2, "wide_mlp": 3.0}  # int8 speed-up over float32
@@ -67,16 +66,19 @@ class CNN(nn.Module):
 
 
 MODELS = {
-    "mnist_mlp": (lambda cfg: MLP((512, 512, 10), cfg), (256, 784)),
-    "cnn": (lambda cfg: CNN(cfg), (256, 28, 28, 1)),
-    "wide_mlp": (lambda cfg: MLP((4096, 4096, 10), cfg), (8, 4096)),
+  "mnist_mlp": (lambda cfg: MLP((512, 512, 10), cfg), (256, 784)),
+  "cnn": (lambda cfg: CNN(cfg), (256, 28, 28, 1)),
+  "wide_mlp": (lambda cfg: MLP((4096, 4096, 10), cfg), (8, 4096)),
 }
 
 
 def logical_order(qvars):
   """The same converted variables with every QArray stored in its logical order."""
-  return jax.tree_util.tree_map(lambda a: a.with_perm(None) if isinstance(a, QArray) else a,
-                                qvars, is_leaf=lambda a: isinstance(a, QArray))
+  return jax.tree_util.tree_map(
+    lambda a: a.with_perm(None) if isinstance(a, QArray) else a,
+    qvars,
+    is_leaf=lambda a: isinstance(a, QArray),
+  )
 
 
 def build(name):
@@ -129,7 +131,7 @@ def time_variants(x, fns, rounds, target_s=0.03):
   times = {k: [] for k in fns}
   names = list(fns)
   for r in range(rounds):
-    for k in names[r % len(names):] + names[:r % len(names)]:
+    for k in names[r % len(names) :] + names[: r % len(names)]:
       f = fns[k]
       t = time.perf_counter()
       for _ in range(reps[k]):
@@ -160,52 +162,85 @@ def main():
     x, variants = build(name)
     check_agreement(x, variants)
     t = time_variants(x, compiled(variants, x), rounds)
-    sizes = {k: model_size({"params": variants[k][1]["params"]}).total
-             for k in ("float32", "int8", "int4")}
+    sizes = {
+      k: model_size({"params": variants[k][1]["params"]}).total for k in ("float32", "int8", "int4")
+    }
     row = {
-        "model": name, "batch": int(x.shape[0]),
-        "ms": {k: 1e3 * v for k, v in t.items()},
-        "speedup_vs_float32": {k: t["float32"] / v for k, v in t.items() if k != "float32"},
-        "bytes": sizes,
-        "bytes_ratio": {k: sizes[k] / sizes["float32"] for k in ("int8", "int4")},
-        "goal_int8_speedup": GOALS[name],
+      "model": name,
+      "batch": int(x.shape[0]),
+      "ms": {k: 1e3 * v for k, v in t.items()},
+      "speedup_vs_float32": {k: t["float32"] / v for k, v in t.items() if k != "float32"},
+      "bytes": sizes,
+      "bytes_ratio": {k: sizes[k] / sizes["float32"] for k in ("int8", "int4")},
+      "goal_int8_speedup": GOALS[name],
     }
     row["goal_met"] = row["speedup_vs_float32"]["int8"] >= GOALS[name]
     rows.append(row)
     print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()), flush=True)
-  meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
-          "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-          "load_average_1m": os.getloadavg()[0], "rounds": rounds,
-          "date": time.strftime("%Y-%m-%d %H:%M")}
+  meta = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "cpus": os.cpu_count(),
+    "machine": platform.machine(),
+    "processor": platform.processor() or platform.machine(),
+    "load_average_1m": os.getloadavg()[0],
+    "rounds": rounds,
+    "date": time.strftime("%Y-%m-%d %H:%M"),
+  }
   md = render(rows, meta)
   print("\n" + md)
   write_results(RESULTS, "inference", {"meta": meta, "results": rows}, md)
 
 
 def render(rows, meta):
-  head = ["model", "batch", "float32 ms", "int8 ms", "int4 ms", "int8 speed-up (goal)",
-          "int4 speed-up", "int4 const", "int8 before", "int4 before",
-          "bytes f32 / int8 / int4"]
+  head = [
+    "model",
+    "batch",
+    "float32 ms",
+    "int8 ms",
+    "int4 ms",
+    "int8 speed-up (goal)",
+    "int4 speed-up",
+    "int4 const",
+    "int8 before",
+    "int4 before",
+    "bytes f32 / int8 / int4",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     ms, sp, b = r["ms"], r["speedup_vs_float32"], r["bytes"]
-    lines.append("| " + " | ".join([
-        r["model"], str(r["batch"]), f"{ms['float32']:.2f}", f"{ms['int8']:.2f}",
-        f"{ms['int4']:.2f}",
-        f"{sp['int8']:.2f}x (>= {r['goal_int8_speedup']}x: {'met' if r['goal_met'] else 'NOT met'})",
-        f"{sp['int4']:.2f}x", f"{sp['int4 const']:.2f}x", f"{sp['int8 before']:.2f}x",
-        f"{sp['int4 before']:.2f}x",
-        f"{b['float32']:,} / {b['int8']:,} ({100 * r['bytes_ratio']['int8']:.1f}%) / "
-        f"{b['int4']:,} ({100 * r['bytes_ratio']['int4']:.1f}%)"]) + " |")
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          r["model"],
+          str(r["batch"]),
+          f"{ms['float32']:.2f}",
+          f"{ms['int8']:.2f}",
+          f"{ms['int4']:.2f}",
+          f"{sp['int8']:.2f}x (>= {r['goal_int8_speedup']}x: "
+          f"{'met' if r['goal_met'] else 'NOT met'})",
+          f"{sp['int4']:.2f}x",
+          f"{sp['int4 const']:.2f}x",
+          f"{sp['int8 before']:.2f}x",
+          f"{sp['int4 before']:.2f}x",
+          f"{b['float32']:,} / {b['int8']:,} ({100 * r['bytes_ratio']['int8']:.1f}%) / "
+          f"{b['int4']:,} ({100 * r['bytes_ratio']['int4']:.1f}%)",
+        ]
+      )
+      + " |"
+    )
   lines.append("")
-  lines.append(f"jit(model.apply)(variables, x) on {meta['backend']} ({meta['cpus']} CPUs, "
-               f"load average {meta['load_average_1m']:.1f} at the end), jax {meta['jax']}; "
-               f"median of {meta['rounds']} interleaved rounds. Speed-ups are float32 time / "
-               "integer time; \"int4 const\" = variables closed over (compile-time constants, "
-               "as in export_stablehlo: the 4-bit unpacking is constant-folded); \"before\" = the "
-               "integer path before its CPU optimisations (dense kernels in logical (K, N) order, "
-               "which the int8 matmul repacks every call; int4 unpacked + interleaved; no "
-               "swapped small-batch dot; no exact-float few-channel conv).")
+  lines.append(
+    f"jit(model.apply)(variables, x) on {meta['backend']} ({meta['cpus']} CPUs, "
+    f"load average {meta['load_average_1m']:.1f} at the end), jax {meta['jax']}; "
+    f"median of {meta['rounds']} interleaved rounds. Speed-ups are float32 time / "
+    'integer time; "int4 const" = variables closed over (compile-time constants, '
+    'as in export_stablehlo: the 4-bit unpacking is constant-folded); "before" = the '
+    "integer path before its CPU optimisations (dense kernels in logical (K, N) order, "
+    "which the int8 matmul repacks every call; int4 unpacked + interleaved; no "
+    "swapped small-batch dot; no exact-float few-channel conv)."
+  )
   return "\n".join(lines) + "\n"
 
 

@@ -9,10 +9,10 @@ LSQ config (learned step sizes and offsets in ``params``):
 
 One step is ``value_and_grad`` of the softmax cross-entropy + an ``optax.adam`` update, with
 ``quant_stats`` mutable, jitted, timed to ``jax.block_until_ready``. After a warm-up (compile, and
-calibration of the observers), the variants of one model run interleaved, round-robin, for ``--repeats`` rounds of
-``--steps`` consecutive steps each,
-so that drift in machine load hits them alike; the table reports the median per step and its
-ratio to the float32 step of the same model. Goal on CPU: observer <= 1.10x, LSQ <= 1.15x.
+calibration of the observers), the variants of one model run interleaved, round-robin, for
+``--repeats`` rounds of ``--steps`` consecutive steps each, so that drift in machine load hits
+them alike; the table reports the median per step and its ratio to the float32 step of the same
+model. Goal on CPU: observer <= 1.10x, LSQ <= 1.15x.
 
 Usage: python benchmarks/bench_layers.py [--repeats N] [--batch N] [--hlo]
 
@@ -38,15 +38,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-
-import qatjax  # noqa: E402
-from qatjax import QConv, QDense, QuantConfig  # noqa: E402
 from _results import write_results  # noqa: E402
 
+from qatjax import QConv, QDense, QuantConfig  # noqa: E402
+
 VARIANTS = {
-    "float32": None,
-    "W8A8 observer": QuantConfig(8, 8),
-    "W8A8 LSQ": QuantConfig(8, 8, method="lsq"),
+  "float32": None,
+  "W8A8 observer": QuantConfig(8, 8),
+  "W8A8 LSQ": QuantConfig(8, 8, method="lsq"),
 }
 GOALS = {"W8A8 observer": 1.10, "W8A8 LSQ": 1.15}
 
@@ -105,11 +104,15 @@ def make_case(model_cls, in_shape, config, batch, seed=0):
 def hlo_summary(step, state, data):
   """Fusions / custom calls (convolution, dot) in the optimized HLO: a rough count of passes."""
   text = step.lower(*state, *data).compile().as_text()
-  entry = text[text.find("ENTRY"):]
+  entry = text[text.find("ENTRY") :]
   lines = entry.splitlines()
-  count = lambda key: sum(1 for l in lines if key in l)  # noqa: E731
-  return {"fusions": count(" fusion("), "convolutions": count("convolution("),
-          "dots": count(" dot("), "custom_calls": count("custom-call(")}
+  count = lambda key: sum(1 for line in lines if key in line)
+  return {
+    "fusions": count(" fusion("),
+    "convolutions": count("convolution("),
+    "dots": count(" dot("),
+    "custom_calls": count("custom-call("),
+  }
 
 
 def run(repeats, batch, warmup, with_hlo, steps):
@@ -138,9 +141,14 @@ def run(repeats, batch, warmup, with_hlo, steps):
   for c in cases:
     base = next(b for b in cases if b["model"] == c["model"] and b["variant"] == "float32")
     med, base_med = statistics.median(c["times"]), statistics.median(base["times"])
-    row = dict(model=c["model"], variant=c["variant"], median_ms=round(med * 1e3, 3),
-               min_ms=round(min(c["times"]) * 1e3, 3),
-               ratio_to_float=round(med / base_med, 3), goal=GOALS.get(c["variant"]))
+    row = dict(
+      model=c["model"],
+      variant=c["variant"],
+      median_ms=round(med * 1e3, 3),
+      min_ms=round(min(c["times"]) * 1e3, 3),
+      ratio_to_float=round(med / base_med, 3),
+      goal=GOALS.get(c["variant"]),
+    )
     if with_hlo:
       row["hlo"] = hlo_summary(c["step"], c["state"], c["data"])
     rows.append(row)
@@ -159,15 +167,25 @@ def main():
 
   rows = run(args.repeats, args.batch, args.warmup, args.hlo, args.steps)
   device = jax.devices()[0]
-  meta = dict(batch=args.batch, repeats=args.repeats, steps=args.steps, warmup=args.warmup, jax=jax.__version__,
-              flax=nn.__name__ and __import__("flax").__version__, optax=optax.__version__,
-              backend=jax.default_backend(),
-              device=getattr(device, "device_kind", str(device)),
-              cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-              step="value_and_grad(softmax CE) + optax.adam, quant_stats mutable, jitted",
-              goal="observer <= 1.10x float32, LSQ <= 1.15x float32 (CPU)")
-  print(f"QAT train step, batch {args.batch}, {meta['backend']} ({meta['device']}, "
-        f"{meta['cores']} cores), median of {args.repeats} interleaved rounds")
+  meta = dict(
+    batch=args.batch,
+    repeats=args.repeats,
+    steps=args.steps,
+    warmup=args.warmup,
+    jax=jax.__version__,
+    flax=nn.__name__ and __import__("flax").__version__,
+    optax=optax.__version__,
+    backend=jax.default_backend(),
+    device=getattr(device, "device_kind", str(device)),
+    cpu=platform.processor() or platform.machine(),
+    cores=os.cpu_count(),
+    step="value_and_grad(softmax CE) + optax.adam, quant_stats mutable, jitted",
+    goal="observer <= 1.10x float32, LSQ <= 1.15x float32 (CPU)",
+  )
+  print(
+    f"QAT train step, batch {args.batch}, {meta['backend']} ({meta['device']}, "
+    f"{meta['cores']} cores), median of {args.repeats} interleaved rounds"
+  )
   header = f"{'model':<28} {'variant':<15} {'median ms':>10} {'min ms':>9} {'x float':>8}"
   print(header)
   print("-" * len(header))
@@ -176,17 +194,25 @@ def main():
     if r["goal"] is not None:
       flag = "  ok" if r["ratio_to_float"] <= r["goal"] else f"  (goal {r['goal']:.2f}x)"
     hlo = f"  {r['hlo']}" if "hlo" in r else ""
-    print(f"{r['model']:<28} {r['variant']:<15} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} "
-          f"{r['ratio_to_float']:>8.2f}{flag}{hlo}")
+    print(
+      f"{r['model']:<28} {r['variant']:<15} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} "
+      f"{r['ratio_to_float']:>8.2f}{flag}{hlo}"
+    )
 
-  md = [f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
-        f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
-        f"cores), median over {args.repeats} interleaved rounds of {args.steps} consecutive "
-        f"steps (variants of one model interleaved); goal: observer <= 1.10x, "
-        "LSQ <= 1.15x float32.", "",
-        "| model | variant | median ms | x float32 |", "|---|---|---|---|"]
-  md += [f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {r['ratio_to_float']:.2f} |"
-         for r in rows]
+  md = [
+    f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
+    f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
+    f"cores), median over {args.repeats} interleaved rounds of {args.steps} consecutive "
+    f"steps (variants of one model interleaved); goal: observer <= 1.10x, "
+    "LSQ <= 1.15x float32.",
+    "",
+    "| model | variant | median ms | x float32 |",
+    "|---|---|---|---|",
+  ]
+  md += [
+    f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {r['ratio_to_float']:.2f} |"
+    for r in rows
+  ]
   write_results(args.out, "layers", dict(meta=meta, results=rows), "\n".join(md))
 
 

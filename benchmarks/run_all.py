@@ -20,12 +20,12 @@ def main():
   args = p.parse_args()
   data = ["--data-dir", args.data_dir] if args.data_dir else []
   runs = [
-      [HERE / "bench_fake_quant.py"],
-      [HERE / "bench_layers.py"],
-      [HERE / "bench_inference.py"],
-      [ROOT / "examples" / "mnist_qat.py", *data, "--no-progress", "--out-dir", HERE / "results"],
-      [HERE / "bench_peers.py", *data],
-      [HERE / "update_readme.py"],
+    [HERE / "bench_fake_quant.py"],
+    [HERE / "bench_layers.py"],
+    [HERE / "bench_inference.py"],
+    [ROOT / "examples" / "mnist_qat.py", *data, "--no-progress", "--out-dir", HERE / "results"],
+    [HERE / "bench_peers.py", *data],
+    [HERE / "update_readme.py"],
   ]
   failed = []
   for cmd in runs:

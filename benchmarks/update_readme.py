@@ -19,19 +19,24 @@ def _md_section(title, md_file, source):
   path = RESULTS / md_file
   if not path.exists():
     return f"### {title}\n\nNot measured yet: run `{source}`.\n"
-  return f"### {title}\n\nFrom `{source}` (`benchmarks/results/{md_file}`):\n\n" + \
-      path.read_text().strip() + "\n"
+  return (
+    f"### {title}\n\nFrom `{source}` (`benchmarks/results/{md_file}`):\n\n"
+    + path.read_text().strip()
+    + "\n"
+  )
 
 
 def render() -> str:
   parts = [
-      _md_section("MNIST QAT (end to end)", "mnist_qat.md",
-                  "python examples/mnist_qat.py --data-dir DIR"),
-      _md_section("Against qwix and AQT", "peers.md", "python benchmarks/bench_peers.py"),
-      _md_section("Integer inference vs float32", "inference.md",
-                  "python benchmarks/bench_inference.py"),
-      _md_section("QAT train-step overhead", "layers.md", "python benchmarks/bench_layers.py"),
-      _md_section("Fake-quant kernels", "fake_quant.md", "python benchmarks/bench_fake_quant.py"),
+    _md_section(
+      "MNIST QAT (end to end)", "mnist_qat.md", "python examples/mnist_qat.py --data-dir DIR"
+    ),
+    _md_section("Against qwix and AQT", "peers.md", "python benchmarks/bench_peers.py"),
+    _md_section(
+      "Integer inference vs float32", "inference.md", "python benchmarks/bench_inference.py"
+    ),
+    _md_section("QAT train-step overhead", "layers.md", "python benchmarks/bench_layers.py"),
+    _md_section("Fake-quant kernels", "fake_quant.md", "python benchmarks/bench_fake_quant.py"),
   ]
   return "\n".join(parts)
 

@@ -13,10 +13,10 @@ from typing import NamedTuple
 import numpy as np
 
 MNIST_FILES = {
-    "train_images": ("train-images-idx3-ubyte.gz", 0x00000803, (60000, 28, 28)),
-    "train_labels": ("train-labels-idx1-ubyte.gz", 0x00000801, (60000,)),
-    "test_images": ("t10k-images-idx3-ubyte.gz", 0x00000803, (10000, 28, 28)),
-    "test_labels": ("t10k-labels-idx1-ubyte.gz", 0x00000801, (10000,)),
+  "train_images": ("train-images-idx3-ubyte.gz", 0x00000803, (60000, 28, 28)),
+  "train_labels": ("train-labels-idx1-ubyte.gz", 0x00000801, (60000,)),
+  "test_images": ("t10k-images-idx3-ubyte.gz", 0x00000803, (10000, 28, 28)),
+  "test_labels": ("t10k-labels-idx1-ubyte.gz", 0x00000801, (10000,)),
 }
 
 
@@ -50,12 +50,14 @@ def read_idx(path: str, magic: int, shape: tuple[int, ...]) -> np.ndarray:
   got_magic = int.from_bytes(data[:4], "big")
   if got_magic != magic:
     raise ValueError(f"{path} has IDX magic number {got_magic:#010x}, expected {magic:#010x}")
-  dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+  dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
   if dims != shape:
     raise ValueError(f"{path} has dimensions {dims}, expected {shape}")
   if len(data) != header + int(np.prod(shape)):
-    raise ValueError(f"{path} holds {len(data) - header} data bytes, expected "
-                     f"{int(np.prod(shape))} for dimensions {shape}")
+    raise ValueError(
+      f"{path} holds {len(data) - header} data bytes, expected "
+      f"{int(np.prod(shape))} for dimensions {shape}"
+    )
   return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
@@ -78,14 +80,21 @@ def load_mnist(data_dir: str) -> Dataset:
     ...
     ValueError: MNIST file not found: /nonexistent/train-images-idx3-ubyte.gz
   """
-  arrays = {k: read_idx(os.path.join(data_dir, fname), magic, shape)
-            for k, (fname, magic, shape) in MNIST_FILES.items()}
-  img = lambda a: (a.astype(np.float32) / 255.0)[..., None]  # noqa: E731
+  arrays = {
+    k: read_idx(os.path.join(data_dir, fname), magic, shape)
+    for k, (fname, magic, shape) in MNIST_FILES.items()
+  }
+  img = lambda a: (a.astype(np.float32) / 255.0)[..., None]
   for k in ("train_labels", "test_labels"):
     if arrays[k].max() > 9:
       raise ValueError(f"{os.path.join(data_dir, MNIST_FILES[k][0])} has labels > 9")
-  return Dataset(img(arrays["train_images"]), arrays["train_labels"].astype(np.int32),
-                 img(arrays["test_images"]), arrays["test_labels"].astype(np.int32), "mnist")
+  return Dataset(
+    img(arrays["train_images"]),
+    arrays["train_labels"].astype(np.int32),
+    img(arrays["test_images"]),
+    arrays["test_labels"].astype(np.int32),
+    "mnist",
+  )
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:

@@ -30,15 +30,21 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
+from image_data import load_digits, load_mnist
 
 import qatjax
 from qatjax import QConvBN, QDense, QuantConfig
-from image_data import load_digits, load_mnist
-from qatjax.training import (QATSchedule, calibrate, create_train_state, evaluate, fit,
-                             make_eval_step, make_optimizer, make_train_step)
+from qatjax.training import (
+  QATSchedule,
+  calibrate,
+  create_train_state,
+  fit,
+  make_eval_step,
+  make_optimizer,
+  make_train_step,
+)
 
 TRAIN, EVAL = {"train": True}, {"train": False}
 
@@ -87,11 +93,11 @@ def predict(model, variables, x, batch_size):
   apply = jax.jit(lambda v, xb: model.apply(v, xb, **EVAL))
   outs = []
   for i in range(0, len(x), batch_size):
-    xb = x[i:i + batch_size]
+    xb = x[i : i + batch_size]
     pad = batch_size - len(xb)
     if pad:
       xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-    outs.append(np.asarray(apply(variables, xb))[:batch_size - pad])
+    outs.append(np.asarray(apply(variables, xb))[: batch_size - pad])
   return np.concatenate(outs)
 
 
@@ -102,9 +108,17 @@ def train(model, variables, data, *, epochs, batch_size, tx, schedule, seed, pro
   step = make_train_step(schedule=schedule, apply_kwargs=TRAIN)
   print(f"-- {label}: {epochs} epoch(s)", flush=True)
   t0 = time.perf_counter()
-  state, history = fit(state, (data.x_train, data.y_train), epochs=epochs, batch_size=batch_size,
-                       train_step=step, eval_step=make_eval_step(apply_kwargs=EVAL),
-                       eval_data=(data.x_test, data.y_test), rng=seed, progress=progress)
+  state, history = fit(
+    state,
+    (data.x_train, data.y_train),
+    epochs=epochs,
+    batch_size=batch_size,
+    train_step=step,
+    eval_step=make_eval_step(apply_kwargs=EVAL),
+    eval_data=(data.x_test, data.y_test),
+    rng=seed,
+    progress=progress,
+  )
   jax.block_until_ready(state.params)
   return state.variables, time.perf_counter() - t0, history
 
@@ -113,52 +127,85 @@ def load_data(args):
   """MNIST from ``--data-dir`` or digits, cut to ``--train-limit`` / ``--test-limit``."""
   data = load_mnist(args.data_dir) if args.data_dir else load_digits()
   if args.train_limit:
-    data = data._replace(x_train=data.x_train[:args.train_limit],
-                         y_train=data.y_train[:args.train_limit])
+    data = data._replace(
+      x_train=data.x_train[: args.train_limit], y_train=data.y_train[: args.train_limit]
+    )
   if args.test_limit:
-    data = data._replace(x_test=data.x_test[:args.test_limit], y_test=data.y_test[:args.test_limit])
+    data = data._replace(
+      x_test=data.x_test[: args.test_limit], y_test=data.y_test[: args.test_limit]
+    )
   return data
 
 
 def run(args, data) -> dict:
   bs = min(args.batch_size, len(data.x_train))
   steps_per_epoch = len(data.x_train) // bs
-  print(f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test images "
-        f"{data.x_train.shape[1:]}, batch {bs}, {steps_per_epoch} steps per epoch", flush=True)
-  acc = lambda logits: float(np.mean(logits.argmax(-1) == data.y_test))  # noqa: E731
+  print(
+    f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test images "
+    f"{data.x_train.shape[1:]}, batch {bs}, {steps_per_epoch} steps per epoch",
+    flush=True,
+  )
+  acc = lambda logits: float(np.mean(logits.argmax(-1) == data.y_test))
 
   # 1. float32 baseline.
   float_model = CNN(None)
   float_vars, float_s, _ = train(
-      float_model, None, data, epochs=args.epochs, batch_size=bs, tx=optax.adam(args.lr),
-      schedule=None, seed=args.seed, progress=args.progress, label="float32")
+    float_model,
+    None,
+    data,
+    epochs=args.epochs,
+    batch_size=bs,
+    tx=optax.adam(args.lr),
+    schedule=None,
+    seed=args.seed,
+    progress=args.progress,
+    label="float32",
+  )
   float_logits = predict(float_model, float_vars, data.x_test, args.eval_batch)
   float_bytes = qatjax.model_size({k: float_vars[k] for k in ("params", "batch_stats")}).total
-  rows = [{"precision": "float32", "bits": 32, "float": acc(float_logits), "ptq": None,
-           "qat": None, "int": None, "agreement": None, "bytes": float_bytes,
-           "bytes_pct": 100.0, "train_s": float_s}]
+  rows = [
+    {
+      "precision": "float32",
+      "bits": 32,
+      "float": acc(float_logits),
+      "ptq": None,
+      "qat": None,
+      "int": None,
+      "agreement": None,
+      "bytes": float_bytes,
+      "bytes_pct": 100.0,
+      "train_s": float_s,
+    }
+  ]
   print(f"float32 test accuracy {rows[0]['float']:.4f}", flush=True)
 
   calib_x = data.x_train[:bs]
   qat_steps = args.qat_epochs * steps_per_epoch
-  qat_lr = lambda ratio=1.0: optax.cosine_decay_schedule(args.qat_lr * ratio,  # noqa: E731
-                                                          max(qat_steps, 1))
+  qat_lr = lambda ratio=1.0: optax.cosine_decay_schedule(args.qat_lr * ratio, max(qat_steps, 1))
 
   # 1b. the fair reference for QAT: the float model fine-tuned as long as QAT fine-tunes.
   tuned_vars, tuned_s, _ = train(
-      float_model, float_vars, data, epochs=args.qat_epochs, batch_size=bs,
-      tx=optax.adam(qat_lr()), schedule=None, seed=args.seed, progress=args.progress,
-      label="float32 fine-tuned")
+    float_model,
+    float_vars,
+    data,
+    epochs=args.qat_epochs,
+    batch_size=bs,
+    tx=optax.adam(qat_lr()),
+    schedule=None,
+    seed=args.seed,
+    progress=args.progress,
+    label="float32 fine-tuned",
+  )
   tuned = acc(predict(float_model, tuned_vars, data.x_test, args.eval_batch))
-  rows.append({**rows[0], "precision": "float32 fine-tuned", "float": tuned,
-               "train_s": tuned_s})
+  rows.append({**rows[0], "precision": "float32 fine-tuned", "float": tuned, "train_s": tuned_s})
   print(f"float32 fine-tuned test accuracy {tuned:.4f}", flush=True)
   for label, bits, qat_cfg, ptq_cfg in precisions(args.precisions):
     # 2a. PTQ: observers calibrated on a few batches; params unchanged.
     ptq_model = CNN(ptq_cfg)
     v = qatjax.from_float(ptq_model, float_vars, calib_x, **EVAL)
-    batches = [data.x_train[i * bs:(i + 1) * bs] for i in range(min(args.calib_batches,
-                                                                     steps_per_epoch))]
+    batches = [
+      data.x_train[i * bs : (i + 1) * bs] for i in range(min(args.calib_batches, steps_per_epoch))
+    ]
     v = calibrate(ptq_model, batches, variables=v, apply_kwargs=EVAL)
     ptq_acc = acc(predict(ptq_model, v, data.x_test, args.eval_batch))
 
@@ -166,31 +213,63 @@ def run(args, data) -> dict:
     qat_model = CNN(qat_cfg)
     v = qatjax.from_float(qat_model, float_vars, calib_x, **EVAL)
     tx = make_optimizer(optax.adam(qat_lr()), optax.adam(qat_lr(args.scale_lr_ratio)))
-    schedule = QATSchedule(freeze_observers_step=qat_steps // 2,
-                           freeze_bn_step=int(qat_steps * 0.6))
-    v, qat_s, _ = train(qat_model, v, data, epochs=args.qat_epochs, batch_size=bs, tx=tx,
-                        schedule=schedule, seed=args.seed, progress=args.progress,
-                        label=f"QAT {label}")
+    schedule = QATSchedule(
+      freeze_observers_step=qat_steps // 2, freeze_bn_step=int(qat_steps * 0.6)
+    )
+    v, qat_s, _ = train(
+      qat_model,
+      v,
+      data,
+      epochs=args.qat_epochs,
+      batch_size=bs,
+      tx=tx,
+      schedule=schedule,
+      seed=args.seed,
+      progress=args.progress,
+      label=f"QAT {label}",
+    )
     qat_logits = predict(qat_model, v, data.x_test, args.eval_batch)
 
     # 3. integers: the same model runs the converted variables with integer compute.
     qvars = qatjax.convert(qat_model, v, calib_x, **EVAL)
     int_logits = predict(qat_model, qvars, data.x_test, args.eval_batch)
     size = qatjax.model_size(qvars).total
-    rows.append({"precision": label, "bits": bits, "float": tuned, "ptq": ptq_acc,
-                 "qat": acc(qat_logits), "int": acc(int_logits),
-                 "agreement": float(np.mean(int_logits.argmax(-1) == qat_logits.argmax(-1))),
-                 "max_abs_diff": float(np.max(np.abs(int_logits - qat_logits))),
-                 "bytes": size, "bytes_pct": 100.0 * size / float_bytes, "train_s": qat_s})
+    rows.append(
+      {
+        "precision": label,
+        "bits": bits,
+        "float": tuned,
+        "ptq": ptq_acc,
+        "qat": acc(qat_logits),
+        "int": acc(int_logits),
+        "agreement": float(np.mean(int_logits.argmax(-1) == qat_logits.argmax(-1))),
+        "max_abs_diff": float(np.max(np.abs(int_logits - qat_logits))),
+        "bytes": size,
+        "bytes_pct": 100.0 * size / float_bytes,
+        "train_s": qat_s,
+      }
+    )
     r = rows[-1]
-    print(f"{label}: PTQ {r['ptq']:.4f}  QAT {r['qat']:.4f}  int {r['int']:.4f}  "
-          f"(agreement {r['agreement']:.4f}, {size} B)", flush=True)
+    print(
+      f"{label}: PTQ {r['ptq']:.4f}  QAT {r['qat']:.4f}  int {r['int']:.4f}  "
+      f"(agreement {r['agreement']:.4f}, {size} B)",
+      flush=True,
+    )
 
-  return {"dataset": data.name, "train_images": int(len(data.x_train)),
-          "test_images": int(len(data.x_test)), "epochs_float": args.epochs,
-          "epochs_qat": args.qat_epochs, "batch_size": bs, "lr": args.lr, "qat_lr": args.qat_lr,
-          "seed": args.seed, "machine": f"{platform.machine()} {jax.default_backend()} "
-          f"({os.cpu_count()} CPUs), jax {jax.__version__}", "rows": rows}
+  return {
+    "dataset": data.name,
+    "train_images": len(data.x_train),
+    "test_images": len(data.x_test),
+    "epochs_float": args.epochs,
+    "epochs_qat": args.qat_epochs,
+    "batch_size": bs,
+    "lr": args.lr,
+    "qat_lr": args.qat_lr,
+    "seed": args.seed,
+    "machine": f"{platform.machine()} {jax.default_backend()} "
+    f"({os.cpu_count()} CPUs), jax {jax.__version__}",
+    "rows": rows,
+  }
 
 
 def _pct(a):
@@ -198,25 +277,41 @@ def _pct(a):
 
 
 def render_markdown(res: dict) -> str:
-  head = ("precision", "float % (same epochs)", "PTQ %", "QAT %", "integer %", "int = QAT argmax", "bytes",
-          "% of float", "train s")
+  head = (
+    "precision",
+    "float % (same epochs)",
+    "PTQ %",
+    "QAT %",
+    "integer %",
+    "int = QAT argmax",
+    "bytes",
+    "% of float",
+    "train s",
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in res["rows"]:
     agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.2f}%"
-    lines.append(f"| {r['precision']} | {_pct(r['float'])} | {_pct(r['ptq'])} | {_pct(r['qat'])} "
-                 f"| {_pct(r['int'])} | {agree} | {r['bytes']:,} | {r['bytes_pct']:.1f} "
-                 f"| {r['train_s']:.1f} |")
-  return (f"{res['dataset']}: CNN conv-BN-relu x2 + dense, {res['train_images']} train / "
-          f"{res['test_images']} test images; float32 trained {res['epochs_float']} epoch(s) "
-          f"(Adam {res['lr']}), then QAT (and, as its float reference, float32) fine-tuned "
-          f"{res['epochs_qat']} epoch(s) from it (Adam {res['qat_lr']}, cosine); PTQ = "
-          f"observers calibrated on training batches, no gradient step. 8 bits: observers; fewer: LSQ/LSQ+. Integer = the converted model "
-          f"(int8 x int8 -> int32). Train time includes compilation; {res['machine']}.\n\n"
-          + "\n".join(lines) + "\n")
+    lines.append(
+      f"| {r['precision']} | {_pct(r['float'])} | {_pct(r['ptq'])} | {_pct(r['qat'])} "
+      f"| {_pct(r['int'])} | {agree} | {r['bytes']:,} | {r['bytes_pct']:.1f} "
+      f"| {r['train_s']:.1f} |"
+    )
+  return (
+    f"{res['dataset']}: CNN conv-BN-relu x2 + dense, {res['train_images']} train / "
+    f"{res['test_images']} test images; float32 trained {res['epochs_float']} epoch(s) "
+    f"(Adam {res['lr']}), then QAT (and, as its float reference, float32) fine-tuned "
+    f"{res['epochs_qat']} epoch(s) from it (Adam {res['qat_lr']}, cosine); PTQ = "
+    f"observers calibrated on training batches, no gradient step. 8 bits: observers; fewer: "
+    f"LSQ/LSQ+. Integer = the converted model "
+    f"(int8 x int8 -> int32). Train time includes compilation; {res['machine']}.\n\n"
+    + "\n".join(lines)
+    + "\n"
+  )
 
 
 def plot(res: dict, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -227,8 +322,11 @@ def plot(res: dict, path: str) -> None:
   ax.axhline(100 * res["rows"][0]["float"], color="k", ls="--", label="float32")
   if tuned:
     ax.axhline(100 * tuned[0]["float"], color="gray", ls=":", label="float32 fine-tuned")
-  for key, name, style in (("ptq", "PTQ", "o-"), ("qat", "QAT", "o-"),
-                           ("int", "integer (converted)", "x--")):
+  for key, name, style in (
+    ("ptq", "PTQ", "o-"),
+    ("qat", "QAT", "o-"),
+    ("int", "integer (converted)", "x--"),
+  ):
     ax.plot(bits, [100 * r[key] for r in rows], style, label=name)
   ax.set_xlabel("bits (weights = activations)")
   ax.set_ylabel("test accuracy %")
@@ -242,21 +340,38 @@ def plot(res: dict, path: str) -> None:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--data-dir", default=None,
-                 help="folder with the four MNIST IDX .gz files (default: scikit-learn digits)")
-  p.add_argument("--out-dir", default=None, help="where the JSON/Markdown results and the plot "
-                 "go (default: out/mnist_qat)")
-  p.add_argument("--precisions", default="8,4,2,2m",
-                 help="comma-separated bits; 'm' keeps the first and last layer at 8 bits")
+  p.add_argument(
+    "--data-dir",
+    default=None,
+    help="folder with the four MNIST IDX .gz files (default: scikit-learn digits)",
+  )
+  p.add_argument(
+    "--out-dir",
+    default=None,
+    help="where the JSON/Markdown results and the plot go (default: out/mnist_qat)",
+  )
+  p.add_argument(
+    "--precisions",
+    default="8,4,2,2m",
+    help="comma-separated bits; 'm' keeps the first and last layer at 8 bits",
+  )
   p.add_argument("--epochs", type=int, default=None, help="float epochs (MNIST 2, digits 30)")
   p.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (MNIST 1, digits 15)")
   p.add_argument("--batch-size", type=int, default=None, help="MNIST 128, digits 32")
   p.add_argument("--eval-batch", type=int, default=500)
   p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, float training")
-  p.add_argument("--qat-lr", type=float, default=None,
-                 help="Adam learning rate for QAT fine-tuning (MNIST 3e-4, digits 1e-3)")
-  p.add_argument("--scale-lr-ratio", type=float, default=1.0,
-                 help="learning rate of the LSQ step sizes / the weights' learning rate")
+  p.add_argument(
+    "--qat-lr",
+    type=float,
+    default=None,
+    help="Adam learning rate for QAT fine-tuning (MNIST 3e-4, digits 1e-3)",
+  )
+  p.add_argument(
+    "--scale-lr-ratio",
+    type=float,
+    default=1.0,
+    help="learning rate of the LSQ step sizes / the weights' learning rate",
+  )
   p.add_argument("--calib-batches", type=int, default=8, help="PTQ calibration batches")
   p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
   p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
@@ -264,8 +379,12 @@ def parse_args(argv=None):
   p.add_argument("--no-progress", dest="progress", action="store_false")
   args = p.parse_args(argv)
   mnist = args.data_dir is not None
-  for name, m, d in (("epochs", 2, 30), ("qat_epochs", 1, 15), ("batch_size", 128, 32),
-                     ("qat_lr", 3e-4, 1e-3)):
+  for name, m, d in (
+    ("epochs", 2, 30),
+    ("qat_epochs", 1, 15),
+    ("batch_size", 128, 32),
+    ("qat_lr", 3e-4, 1e-3),
+  ):
     if getattr(args, name) is None:
       setattr(args, name, m if mnist else d)
   args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]

@@ -18,11 +18,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_bench_peers_quick(tmp_path):
   out = tmp_path / "peers.json"
   # Compile cheaply: the smoke run is all compilation (a few steps per variant).
-  env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 "
-         "--xla_llvm_disable_expensive_passes=true", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--quick",
-                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    "JAX_PLATFORMS": "cpu",
+  }
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--quick", "--out", str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["config"]["quick"] is True

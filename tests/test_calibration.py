@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qatjax import fake_quant, scale_zero_point
 from qatjax import calibration as cal_lib
+from qatjax import fake_quant, scale_zero_point
 
 VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
 
@@ -103,8 +103,9 @@ def test_percentile(variant):
   st = run(cal_lib.percentile(1.0, 99.0), [np.arange(101.0)], variant)
   np.testing.assert_allclose([st.min, st.max], [1.0, 99.0], rtol=1e-6)
   # EMA with momentum 0.5 on the second batch.
-  st = run(cal_lib.percentile(1.0, 99.0, momentum=0.5), [np.arange(101.0), np.arange(101.0) * 3],
-           variant)
+  st = run(
+    cal_lib.percentile(1.0, 99.0, momentum=0.5), [np.arange(101.0), np.arange(101.0) * 3], variant
+  )
   np.testing.assert_allclose([st.min, st.max], [2.0, 198.0], rtol=1e-6)
   # Outliers are clipped away, unlike min/max.
   x = np.concatenate([np.linspace(-1, 1, 10000), [1000.0]]).astype(np.float32)
@@ -172,10 +173,12 @@ def test_mse_bad_range():
 
 @pytest.mark.parametrize("name", ["minmax", "ema", "percentile", "mse"])
 def test_jit_scan_matches_python_loop(name):
-  make = {"minmax": lambda: cal_lib.minmax(),
-          "ema": lambda: cal_lib.ema_minmax(0.1),
-          "percentile": lambda: cal_lib.percentile(1.0, 99.0, momentum=0.2),
-          "mse": lambda: cal_lib.mse(-8, 7, symmetric=False, num_candidates=8)}[name]
+  make = {
+    "minmax": lambda: cal_lib.minmax(),
+    "ema": lambda: cal_lib.ema_minmax(0.1),
+    "percentile": lambda: cal_lib.percentile(1.0, 99.0, momentum=0.2),
+    "mse": lambda: cal_lib.mse(-8, 7, symmetric=False, num_candidates=8),
+  }[name]
   cal = make()
   xs = jax.random.normal(jax.random.key(3), (4, 256)) * jnp.arange(1.0, 5.0)[:, None]
   loop = cal.init()

@@ -1,5 +1,6 @@
-"""Converted variables: integer storage, int4 packing, the integer kernels, sizes, convert errors."""
+"""Converted variables: integer storage, int4 packing, the integer kernels, sizes, errors."""
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -8,14 +9,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qatjax import QArray, QConv, QConvBN, QDense, QuantConfig, convert, pack_int4, qrange, \
-    unpack_int4
-from qatjax import compare_sizes, model_size
+from qatjax import (
+  QArray,
+  QConv,
+  QConvBN,
+  QDense,
+  QuantConfig,
+  compare_sizes,
+  convert,
+  model_size,
+  pack_int4,
+  qrange,
+  unpack_int4,
+)
 from qatjax.core.int_kernels import int_matmul_nk
 
 
 class Net(nn.Module):
   """Conv + ConvBN + dense: every converted layer kind."""
+
   cfg: QuantConfig
 
   @nn.compact
@@ -35,12 +47,12 @@ def calibrated(model, x, **kw):
 
 
 CONFIGS = {
-    "int8": QuantConfig(),
-    "int4": QuantConfig(weight_bits=4),
-    "int3_lsq": QuantConfig(weight_bits=3, method="lsq"),
-    "int6_tensor": QuantConfig(weight_bits=6, weight_granularity="per_tensor"),
-    "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
-    "pact4": QuantConfig(act_bits=4, pact=True, pact_init=2.0),
+  "int8": QuantConfig(),
+  "int4": QuantConfig(weight_bits=4),
+  "int3_lsq": QuantConfig(weight_bits=3, method="lsq"),
+  "int6_tensor": QuantConfig(weight_bits=6, weight_granularity="per_tensor"),
+  "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
+  "pact4": QuantConfig(act_bits=4, pact=True, pact_init=2.0),
 }
 
 
@@ -54,8 +66,11 @@ def converted(request):
 
 
 def qarrays(tree):
-  return [leaf for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda a: isinstance(a, QArray))
-          if isinstance(leaf, QArray)]
+  return [
+    leaf
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda a: isinstance(a, QArray))
+    if isinstance(leaf, QArray)
+  ]
 
 
 def test_kernels_are_stored_as_integers_in_range(converted):
@@ -93,8 +108,12 @@ def test_integer_inference_matches_fake_quant(converted):
 
 def test_pact_layers_keep_their_input_quantizer():
   """Regression: convert used to drop PACT layers' input clip + quantization."""
-  model = nn.Sequential([QDense(16, config=QuantConfig(act_bits=4, pact=True, pact_init=0.5)),
-                         QDense(3, config=QuantConfig(act_bits=4, pact=True, pact_init=0.5))])
+  model = nn.Sequential(
+    [
+      QDense(16, config=QuantConfig(act_bits=4, pact=True, pact_init=0.5)),
+      QDense(3, config=QuantConfig(act_bits=4, pact=True, pact_init=0.5)),
+    ]
+  )
   x = 3 * jax.random.normal(jax.random.key(0), (32, 6))
   v = model.init(jax.random.key(1), x)
   qv = convert(model, v, x)
@@ -118,8 +137,9 @@ def test_int4_packing_round_trips(n):
   np.testing.assert_array_equal(unpack_int4(packed, (n,)), q)
 
 
-@pytest.mark.parametrize("shape,perm", [((3, 5), None), ((3, 5), (1, 0)), ((5, 7), (1, 0)),
-                                        ((2, 3, 3), (2, 0, 1))])
+@pytest.mark.parametrize(
+  "shape,perm", [((3, 5), None), ((3, 5), (1, 0)), ((5, 7), (1, 0)), ((2, 3, 3), (2, 0, 1))]
+)
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_qarray_storage_order_round_trips(shape, perm, bits):
   lo, hi = qrange(bits)
@@ -149,7 +169,8 @@ def test_int_matmul_nk_is_bitwise_the_reference(k, bits):
     ref = qx.astype(np.int64) @ q.astype(np.int64) - zx * ksum
     qa = QArray.create(q, jnp.ones((1, 5)), bits=bits, perm=(1, 0))
     got = jax.jit(int_matmul_nk, static_argnums=(3, 4, 5))(
-        jnp.asarray(qx), jnp.int32(zx), qa.values, 5, k, qa.packed, jnp.asarray(ksum, jnp.int32))
+      jnp.asarray(qx), jnp.int32(zx), qa.values, 5, k, qa.packed, jnp.asarray(ksum, jnp.int32)
+    )
     assert got.dtype == jnp.int32 and got.shape == (rows, 5)
     np.testing.assert_array_equal(got, ref)
 
@@ -172,7 +193,7 @@ class MLP(nn.Module):
 def expected_bytes(dims, bits):
   """Bytes from shapes: float32 kernel + bias, or the converted layout per layer."""
   total = 0
-  for k, n in zip(dims[:-1], dims[1:]):
+  for k, n in itertools.pairwise(dims):
     if bits is None:
       total += (k * n + n) * 4
     else:
@@ -208,7 +229,7 @@ def test_model_size_cnn_counts_every_leaf():
   qv = convert(model, v, x)
   float_vars = {"params": v["params"], "batch_stats": v["batch_stats"]}
   f, q = model_size(float_vars), model_size(qv)
-  leaves = lambda t: sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(t))  # noqa: E731
+  leaves = lambda t: sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(t))
   assert f.total == leaves(float_vars)
   conv_bn = q["QConvBN_0"]  # kernel 3*3*1*6 int8; scale, zp, kernel_sum, folded bias; s/z in
   assert (conv_bn.weight_bytes, conv_bn.quant_bytes, conv_bn.other_bytes) == (54, 3 * 24 + 8, 24)
@@ -219,12 +240,20 @@ def test_model_size_cnn_counts_every_leaf():
     model_size(qv, collections=["nope"])
 
 
-@pytest.mark.parametrize("cin,groups,strides,lhs_dil,rhs_dil", [
-    (1, 1, (1, 1), (1, 1), (1, 1)), (3, 1, (2, 2), (1, 1), (2, 1)), (4, 4, (1, 1), (1, 1), (1, 1)),
-    (2, 1, (1, 1), (2, 2), (1, 1)), (8, 1, (1, 1), (1, 1), (1, 1))])
+@pytest.mark.parametrize(
+  "cin,groups,strides,lhs_dil,rhs_dil",
+  [
+    (1, 1, (1, 1), (1, 1), (1, 1)),
+    (3, 1, (2, 2), (1, 1), (2, 1)),
+    (4, 4, (1, 1), (1, 1), (1, 1)),
+    (2, 1, (1, 1), (2, 2), (1, 1)),
+    (8, 1, (1, 1), (1, 1), (1, 1)),
+  ],
+)
 def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_dil, rhs_dil):
   """Few-channel convs run exactly in float32 on CPU: same integers as the int32 conv."""
   from jax import lax
+
   from qatjax.core.int_kernels import int_conv
 
   rng = np.random.default_rng(cin)
@@ -233,13 +262,32 @@ def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_di
   zx = jnp.int32(77)
   ksum = jnp.sum(qw.astype(jnp.int32), axis=(0, 1, 2))
   pads = [(1, 2), (0, 1)]
-  got = jax.jit(lambda a: int_conv(a, zx, qw, ksum, strides=strides, pads=pads,
-                                   lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-                                   feature_group_count=groups))(qx)
+  got = jax.jit(
+    lambda a: int_conv(
+      a,
+      zx,
+      qw,
+      ksum,
+      strides=strides,
+      pads=pads,
+      lhs_dilation=lhs_dil,
+      rhs_dilation=rhs_dil,
+      feature_group_count=groups,
+    )
+  )(qx)
   cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)] + [(0, 0, 0)]
   padded = lax.pad(qx.astype(jnp.int32), jnp.int32(77), cfg)
-  ref = lax.conv_general_dilated(padded, qw.astype(jnp.int32), strides, "VALID",
-                                 rhs_dilation=rhs_dil, feature_group_count=groups,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) - zx * ksum
+  ref = (
+    lax.conv_general_dilated(
+      padded,
+      qw.astype(jnp.int32),
+      strides,
+      "VALID",
+      rhs_dilation=rhs_dil,
+      feature_group_count=groups,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    - zx * ksum
+  )
   assert got.dtype == (jnp.float32 if cin // groups <= 4 else jnp.int32)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), np.asarray(ref))

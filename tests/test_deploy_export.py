@@ -21,8 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qatjax import QAct, QConv, QConvBN, QDense, QDenseGeneral, QEmbed, QuantConfig, convert, \
-    quantize_model, from_float
+from qatjax import (
+  QAct,
+  QConv,
+  QConvBN,
+  QDense,
+  QDenseGeneral,
+  QEmbed,
+  QuantConfig,
+  convert,
+  from_float,
+  quantize_model,
+)
 from qatjax.export import export_onnx, export_stablehlo, load_stablehlo
 
 onnx = pytest.importorskip("onnx")
@@ -64,17 +74,19 @@ def calibrated_conversion(model, x):
 def run_ort(proto, x, level="all"):
   so = ort.SessionOptions()
   so.log_severity_level = 3
-  so.graph_optimization_level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                 "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+  so.graph_optimization_level = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+  }[level]
   sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
   return sess.run(None, {"input": np.asarray(x, np.float32)})[0]
 
 
 CNN_CONFIGS = {
-    "int8": QuantConfig(),
-    "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
-    "pact4": QuantConfig(act_bits=4, pact=True, pact_init=2.0, weight_bits=4),
-    "sym_act": QuantConfig(act_symmetric=True),
+  "int8": QuantConfig(),
+  "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
+  "pact4": QuantConfig(act_bits=4, pact=True, pact_init=2.0, weight_bits=4),
+  "sym_act": QuantConfig(act_symmetric=True),
 }
 
 
@@ -91,7 +103,7 @@ def cnn(request):
 
 
 def test_onnx_cnn_matches_integer_path(cnn):
-  name, model, qv, x, ref = cnn
+  _, model, qv, x, ref = cnn
   proto = export_onnx(model, qv, x)
   onnx.checker.check_model(proto, full_check=True)
   exact = run_ort(proto, x, "none")
@@ -113,13 +125,19 @@ def test_onnx_graph_layout(cnn, tmp_path):
   assert ops.count("QuantizeLinear") == 4 and ops.count("Conv") == 2 and ops.count("Gemm") == 2
   assert {"MaxPool", "AveragePool", "Reshape", "Relu"} <= set(ops)
   inits = {t.name: t for t in proto.graph.initializer}
-  weights = [inits[n.input[0]] for n in proto.graph.node
-             if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+  weights = [
+    inits[n.input[0]]
+    for n in proto.graph.node
+    if n.op_type == "DequantizeLinear" and n.input[0] in inits
+  ]
   assert len(weights) == 4
   want = onnx.TensorProto.INT4 if CNN_CONFIGS[name].weight_bits == 4 else onnx.TensorProto.INT8
   assert {w.data_type for w in weights} == {want}
-  deq = {n.input[0]: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-         for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+  deq = {
+    n.input[0]: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    for n in proto.graph.node
+    if n.op_type == "DequantizeLinear"
+  }
   conv_w = next(w for w in weights if len(w.dims) == 4)
   if CNN_CONFIGS[name].weight_granularity == "per_group":
     assert deq[conv_w.name]["block_size"] == 4
@@ -146,8 +164,9 @@ def test_onnx_residual_qact_float_and_weight_only_layers():
 
 
 def test_onnx_quantize_model_wrapper():
-  float_model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, lambda x: x.reshape(x.shape[0], -1),
-                               nn.Dense(3)])
+  float_model = nn.Sequential(
+    [nn.Conv(4, (3, 3)), nn.relu, lambda x: x.reshape(x.shape[0], -1), nn.Dense(3)]
+  )
   qm = quantize_model(float_model, QuantConfig())
   x = jax.random.normal(jax.random.key(0), (8, 5, 5, 2))
   fv = float_model.init(jax.random.key(1), x)
@@ -178,20 +197,22 @@ class WithCumsum(nn.Module):
 
 def test_onnx_unsupported_layers_and_ops_are_named():
   x = jnp.ones((2, 4))
-  for model, match in [(WithGeneral(), "QDenseGeneral_0.*QDenseGeneral.*not supported"),
-                       (WithCumsum(), "unsupported operation 'cumsum'")]:
+  for model, match in [
+    (WithGeneral(), "QDenseGeneral_0.*QDenseGeneral.*not supported"),
+    (WithCumsum(), "unsupported operation 'cumsum'"),
+  ]:
     qv = calibrated_conversion(model, x)
     with pytest.raises(ValueError, match=match):
       export_onnx(model, qv, x)
   model = WithEmbed()
   ids = jnp.array([[1, 2]])
   v = model.init(jax.random.key(0), ids)
-  with pytest.raises(ValueError, match="float array|QEmbed_0"):
+  with pytest.raises(ValueError, match=r"float array|QEmbed_0"):
     export_onnx(model, v, ids)
   model = CNN(QuantConfig())
   x = jnp.ones((2, 8, 8, 1))
   v = model.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="QConvBN_0.*convert"):
+  with pytest.raises(ValueError, match=r"QConvBN_0.*convert"):
     export_onnx(model, v, x)  # QAT variables, not converted
 
 
@@ -218,8 +239,14 @@ def test_stablehlo_runs_in_a_fresh_process(tmp_path):
   np.save(tmp_path / "x.npy", np.asarray(x))
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True,
-                        text=True, env=env, cwd=tmp_path, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", LOADER, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   y = np.load(tmp_path / "y.npy")
   np.testing.assert_allclose(y, jax.jit(model.apply)(qv, x), rtol=1e-6, atol=1e-6)

@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from qatjax import QConv, QDense, QuantConfig, convert
 from image_data import load_mnist
 
+from qatjax import QConv, QDense, QuantConfig, convert
+
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-pytestmark = pytest.mark.skipif(not (DATA / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason=f"MNIST IDX files not in {DATA}")
+pytestmark = pytest.mark.skipif(
+  not (DATA / "t10k-images-idx3-ubyte.gz").is_file(), reason=f"MNIST IDX files not in {DATA}"
+)
 
 
 class MLP(nn.Module):
@@ -68,13 +69,19 @@ def train_one_epoch(model, data, n_train, batch=50):
     def loss_fn(p):
       logits, upd = model.apply({"params": p, **rest}, x, mutable=["quant_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
     (_, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(g, opt_state, params)
     return optax.apply_updates(params, updates), {**rest, **upd}, opt_state
 
   for i in range(0, n_train, batch):
-    params, rest, opt_state = step(params, rest, opt_state, jnp.asarray(data.x_train[i:i + batch]),
-                                   jnp.asarray(data.y_train[i:i + batch]))
+    params, rest, opt_state = step(
+      params,
+      rest,
+      opt_state,
+      jnp.asarray(data.x_train[i : i + batch]),
+      jnp.asarray(data.y_train[i : i + batch]),
+    )
   return {"params": params, **rest}
 
 
@@ -83,10 +90,13 @@ def output_step(qv, last):
   return float(p["input_scale"]) * float(jnp.abs(p["kernel"].dequantize()).max())
 
 
-@pytest.mark.parametrize("arch,cfg,n_train", [
+@pytest.mark.parametrize(
+  "arch,cfg,n_train",
+  [
     ("mlp", QuantConfig(), 6000),
     ("cnn", QuantConfig(weight_bits=4), 3000),
-])
+  ],
+)
 def test_integer_model_matches_fake_quant_on_mnist(mnist, arch, cfg, n_train):
   model = {"mlp": MLP, "cnn": CNN}[arch](cfg)
   v = train_one_epoch(model, mnist, n_train)
@@ -98,8 +108,10 @@ def test_integer_model_matches_fake_quant_on_mnist(mnist, arch, cfg, n_train):
   acc_int = (y_int.argmax(1) == mnist.y_test).mean()
   agree = (y_fq.argmax(1) == y_int.argmax(1)).mean()
   steps = np.abs(y_fq - y_int).max() / output_step(qv, "QDense_1" if arch == "mlp" else "QDense_0")
-  print(f"{arch}: accuracy fake-quant {acc_fq:.4f} integer {acc_int:.4f}, argmax agreement "
-        f"{agree:.4%}, max |diff| {np.abs(y_fq - y_int).max():.2e} = {steps:.2f} output steps")
+  print(
+    f"{arch}: accuracy fake-quant {acc_fq:.4f} integer {acc_int:.4f}, argmax agreement "
+    f"{agree:.4%}, max |diff| {np.abs(y_fq - y_int).max():.2e} = {steps:.2f} output steps"
+  )
   assert acc_int > 0.8  # it learned something in one short epoch
   assert agree >= 0.999
   assert steps <= 4
@@ -121,7 +133,9 @@ def onnx_agreement(model, qv, x_test, y_int):
     y_onnx = sess.run(None, {"input": np.asarray(x_test)})[0]
     steps = np.abs(y_onnx - y_int).max() / step
     agree = (y_onnx.argmax(1) == y_int.argmax(1)).mean()
-    print(f"onnxruntime ({level}) vs integer: argmax agreement {agree:.4%}, max |diff| "
-          f"{steps:.2f} output steps")
+    print(
+      f"onnxruntime ({level}) vs integer: argmax agreement {agree:.4%}, max |diff| "
+      f"{steps:.2f} output steps"
+    )
     assert agree >= 0.999
     assert steps <= max_steps

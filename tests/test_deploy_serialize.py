@@ -19,8 +19,11 @@ class Net(nn.Module):
     x = nn.relu(QConvBN(4, (3, 3), config=QuantConfig(weight_bits=4))(x, use_running_average=True))
     x = QAct(QuantConfig(weight_bits=None, act_bits=8))(x)
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(QDense(9, config=QuantConfig(weight_bits=4, weight_granularity="per_group",
-                                            weight_group_size=16))(x))
+    x = nn.relu(
+      QDense(
+        9, config=QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=16)
+      )(x)
+    )
     x = QDense(7, config=QuantConfig(weight_bits=8))(x)
     return QDense(3, config=QuantConfig(weight_bits=3, method="lsq"))(x)
 
@@ -36,15 +39,20 @@ def model_and_vars():
 
 
 def assert_trees_identical(a, b):
-  is_q = lambda t: isinstance(t, QArray)  # noqa: E731
+  is_q = lambda t: isinstance(t, QArray)
   la, ta = jax.tree_util.tree_flatten(a, is_leaf=is_q)
   lb, tb = jax.tree_util.tree_flatten(b, is_leaf=is_q)
   assert ta == tb
   for x, y in zip(la, lb):
     if isinstance(x, QArray):
       assert isinstance(y, QArray)
-      assert (x.shape, x.bits, x.axis, x.group_size, x.perm) == \
-          (y.shape, y.bits, y.axis, y.group_size, y.perm)
+      assert (x.shape, x.bits, x.axis, x.group_size, x.perm) == (
+        y.shape,
+        y.bits,
+        y.axis,
+        y.group_size,
+        y.perm,
+      )
       pairs = [(x.values, y.values), (x.scale, y.scale), (x.zero_point, y.zero_point)]
     else:
       pairs = [(x, y)]
@@ -72,8 +80,15 @@ def test_round_trip_is_exact_and_runs(model_and_vars, tmp_path):
 
 
 def test_round_trip_float_and_odd_leaves(tmp_path):
-  tree = {"params": {"w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3), "empty": {},
-                     "s": np.float32(2.5), "i": np.arange(3, dtype=np.int64)}, "other": {}}
+  tree = {
+    "params": {
+      "w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3),
+      "empty": {},
+      "s": np.float32(2.5),
+      "i": np.arange(3, dtype=np.int64),
+    },
+    "other": {},
+  }
   save_quantized(tmp_path / "t.qjx", tree)
   back = load_quantized(tmp_path / "t.qjx")
   assert back["params"]["w"].dtype == jnp.bfloat16
@@ -83,7 +98,7 @@ def test_round_trip_float_and_odd_leaves(tmp_path):
   assert back["params"]["i"].dtype == np.int64  # kept exact (numpy) without x64
 
 
-@pytest.fixture()
+@pytest.fixture
 def saved(model_and_vars, tmp_path):
   path = tmp_path / "m.qjx"
   save_quantized(path, model_and_vars[1])
@@ -94,8 +109,8 @@ def saved(model_and_vars, tmp_path):
 def test_truncated_file_is_a_clear_error(saved, cut):
   blob = saved.read_bytes()
   bad = saved.parent / "cut.qjx"
-  bad.write_bytes(blob[:cut] if cut >= 0 else blob[:len(blob) + cut])
-  with pytest.raises(ValueError, match="cut.qjx") as e:
+  bad.write_bytes(blob[:cut] if cut >= 0 else blob[: len(blob) + cut])
+  with pytest.raises(ValueError, match=r"cut.qjx") as e:
     load_quantized(bad)
   assert any(w in str(e.value) for w in ("truncated", "shorter", "not a qatjax"))
 
@@ -105,21 +120,21 @@ def test_foreign_files_are_clear_errors(saved, tmp_path):
   np.save(npy, np.zeros(10))
   with pytest.raises(ValueError, match=r"x\.npy is not a qatjax quantized-variables file"):
     load_quantized(npy)
-  with pytest.raises(ValueError, match="not found.*missing"):
+  with pytest.raises(ValueError, match=r"not found.*missing"):
     load_quantized(tmp_path / "missing")
   blob = bytearray(saved.read_bytes())
   newer = tmp_path / "newer.qjx"
   newer.write_bytes(bytes(blob[:8]) + struct.pack("<I", 99) + bytes(blob[12:]))
-  with pytest.raises(ValueError, match="newer.qjx has format version 99"):
+  with pytest.raises(ValueError, match=r"newer.qjx has format version 99"):
     load_quantized(newer)
   blob[-3] ^= 0xFF
   corrupt = tmp_path / "corrupt.qjx"
   corrupt.write_bytes(bytes(blob))
-  with pytest.raises(ValueError, match="corrupt.qjx is corrupt"):
+  with pytest.raises(ValueError, match=r"corrupt.qjx is corrupt"):
     load_quantized(corrupt)
   garbage = tmp_path / "garbage.qjx"
   garbage.write_bytes(MAGIC + struct.pack("<IQ", 1, 5) + b"{nope")
-  with pytest.raises(ValueError, match="garbage.qjx.*header"):
+  with pytest.raises(ValueError, match=r"garbage.qjx.*header"):
     load_quantized(garbage)
 
 

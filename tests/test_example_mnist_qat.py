@@ -12,8 +12,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MNIST_FILES = (
+  "train-images-idx3-ubyte.gz",
+  "train-labels-idx1-ubyte.gz",
+  "t10k-images-idx3-ubyte.gz",
+  "t10k-labels-idx1-ubyte.gz",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,19 @@ def _check_outputs(res, out_dir, labels):
 
 
 def test_digits_end_to_end(example, tmp_path, capsys):
-  res = example.main(["--precisions", "8,4", "--epochs", "12", "--qat-epochs", "3",
-                      "--no-progress", "--out-dir", str(tmp_path)])
+  res = example.main(
+    [
+      "--precisions",
+      "8,4",
+      "--epochs",
+      "12",
+      "--qat-epochs",
+      "3",
+      "--no-progress",
+      "--out-dir",
+      str(tmp_path),
+    ]
+  )
   _check_outputs(res, tmp_path, ["W8A8", "W4A4"])
   assert res["dataset"] == "digits" and res["test_images"] == 449
   float_acc, w8 = res["rows"][1]["float"], res["rows"][2]
@@ -53,12 +68,32 @@ def test_digits_end_to_end(example, tmp_path, capsys):
   assert "| precision | float % (same epochs) | PTQ % | QAT % | integer %" in out
 
 
-@pytest.mark.skipif(not all((MNIST_DIR / f).exists() for f in MNIST_FILES),
-                    reason=f"MNIST IDX files not in {MNIST_DIR}")
+@pytest.mark.skipif(
+  not all((MNIST_DIR / f).exists() for f in MNIST_FILES),
+  reason=f"MNIST IDX files not in {MNIST_DIR}",
+)
 def test_mnist_few_hundred_images(example, tmp_path):
-  res = example.main(["--data-dir", str(MNIST_DIR), "--train-limit", "768", "--test-limit",
-                      "400", "--precisions", "8,2m", "--epochs", "4", "--qat-epochs", "2",
-                      "--batch-size", "64", "--no-progress", "--out-dir", str(tmp_path)])
+  res = example.main(
+    [
+      "--data-dir",
+      str(MNIST_DIR),
+      "--train-limit",
+      "768",
+      "--test-limit",
+      "400",
+      "--precisions",
+      "8,2m",
+      "--epochs",
+      "4",
+      "--qat-epochs",
+      "2",
+      "--batch-size",
+      "64",
+      "--no-progress",
+      "--out-dir",
+      str(tmp_path),
+    ]
+  )
   _check_outputs(res, tmp_path, ["W8A8", "W2A2 (first/last 8-bit)"])
   assert res["dataset"] == "mnist" and res["train_images"] == 768
   # 768 images, 4 + 2 epochs: the float reference is noisy; take the better of the two rows.
@@ -71,7 +106,7 @@ def _write_idx(path, magic, dims, payload=b"", truncate=0):
   data = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims)
   body = payload or bytes(int(np.prod(dims)))
   with gzip.open(path, "wb") as f:
-    f.write((data + body)[:len(data + body) - truncate])
+    f.write((data + body)[: len(data + body) - truncate])
 
 
 def _fake_mnist(d, n_train=60000, n_test=10000):  # valid headers and sizes, zero pixels
@@ -88,11 +123,14 @@ def test_missing_file_is_named(example, tmp_path):
     example.main(["--data-dir", str(tmp_path), "--no-progress", "--out-dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("which,kwargs,match", [
+@pytest.mark.parametrize(
+  "which,kwargs,match",
+  [
     (0, {"magic": 0x801}, "magic"),
     (1, {"truncate": 1}, ""),
     (2, {"not_gzip": True}, "gzip"),
-])
+  ],
+)
 def test_corrupt_file_is_named(example, tmp_path, which, kwargs, match):
   _fake_mnist(tmp_path)
   path = tmp_path / MNIST_FILES[which]
@@ -100,8 +138,12 @@ def test_corrupt_file_is_named(example, tmp_path, which, kwargs, match):
     path.write_bytes(b"this is not an IDX file")
   else:
     dims = (60000, 28, 28) if which == 0 else (60000,)
-    _write_idx(path, kwargs.get("magic", 0x803 if which == 0 else 0x801), dims,
-               truncate=kwargs.get("truncate", 0))
+    _write_idx(
+      path,
+      kwargs.get("magic", 0x803 if which == 0 else 0x801),
+      dims,
+      truncate=kwargs.get("truncate", 0),
+    )
   with pytest.raises(SystemExit) as e:
     example.main(["--data-dir", str(tmp_path), "--no-progress", "--out-dir", str(tmp_path)])
   msg = str(e.value)
@@ -116,4 +158,3 @@ def test_bad_arguments(example, tmp_path, capsys):
   with pytest.raises(SystemExit):
     example.main(["--precisions", "9"])
   assert "not a bit width 2..8" in capsys.readouterr().err
-

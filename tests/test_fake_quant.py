@@ -84,11 +84,13 @@ def test_ties_with_non_unit_scale(variant):
 
 
 def test_int8_range_ends_and_just_beyond(variant):
-  x = jnp.array([127.0, 127.4, 127.5, 127.6, 128.0, 1e6,
-                 -128.0, -128.4, -128.5, -128.6, -129.0, -1e6])
+  x = jnp.array(
+    [127.0, 127.4, 127.5, 127.6, 128.0, 1e6, -128.0, -128.4, -128.5, -128.6, -129.0, -1e6]
+  )
   y, dx = fq_and_grad(variant, **INT8)(x, 1.0, 0.0)
-  np.testing.assert_array_equal(y, [127, 127, 127, 127, 127, 127,
-                                    -128, -128, -128, -128, -128, -128])
+  np.testing.assert_array_equal(
+    y, [127, 127, 127, 127, 127, 127, -128, -128, -128, -128, -128, -128]
+  )
   # 127.5 -> q = 128 (out, grad 0); -128.5 -> q = -128 (half to even, in range, grad 1).
   np.testing.assert_array_equal(dx, [1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0])
 
@@ -129,8 +131,12 @@ def test_int_zero_point_dtype(variant):
 def test_random_per_tensor_matches_numpy(variant):
   rng = np.random.default_rng(1)
   x = rng.normal(0, 2, (33, 17)).astype(np.float32)
-  for (qmin, qmax), s, z in [((-128, 127), 0.013, 0.0), ((0, 255), 0.02, 100.0),
-                             ((-8, 7), 0.4, -3.0), ((0, 3), 1.1, 1.0)]:
+  for (qmin, qmax), s, z in [
+    ((-128, 127), 0.013, 0.0),
+    ((0, 255), 0.02, 100.0),
+    ((-8, 7), 0.4, -3.0),
+    ((0, 3), 1.1, 1.0),
+  ]:
     y, dx = fq_and_grad(variant, qmin=qmin, qmax=qmax)(x, s, z)
     ry, rmask = np_fake_quant(x, s, z, qmin, qmax)
     np.testing.assert_array_equal(y, ry)
@@ -207,20 +213,24 @@ def np_per_group(x, s, z, axis, group_size, qmin, qmax):
     sl[axis] = slice(g * group_size, min((g + 1) * group_size, size))
     psl = [slice(None)] * x.ndim
     psl[axis] = slice(g, g + 1)
-    y[tuple(sl)], m[tuple(sl)] = np_fake_quant(x[tuple(sl)], s[tuple(psl)], z[tuple(psl)],
-                                               qmin, qmax)
+    y[tuple(sl)], m[tuple(sl)] = np_fake_quant(
+      x[tuple(sl)], s[tuple(psl)], z[tuple(psl)], qmin, qmax
+    )
   return y, m
 
 
-@pytest.mark.parametrize("shape,axis,group_size,param_layout", [
-    ((4, 12), 1, 4, "full"),     # divides
-    ((4, 12), 1, 5, "full"),     # 3 groups, last of 2
-    ((4, 12), 1, 5, "ones"),     # params of shape (1, 3)
+@pytest.mark.parametrize(
+  "shape,axis,group_size,param_layout",
+  [
+    ((4, 12), 1, 4, "full"),  # divides
+    ((4, 12), 1, 5, "full"),  # 3 groups, last of 2
+    ((4, 12), 1, 5, "ones"),  # params of shape (1, 3)
     ((4, 12), -1, 11, "vector"),  # 2 groups, last of 1
-    ((4, 12), 1, 16, "full"),    # group longer than the axis
-    ((4, 12), 0, 3, "full"),     # along axis 0, uneven
-    ((2, 7, 3), 1, 3, "full"),   # 3-D, uneven
-])
+    ((4, 12), 1, 16, "full"),  # group longer than the axis
+    ((4, 12), 0, 3, "full"),  # along axis 0, uneven
+    ((2, 7, 3), 1, 3, "full"),  # 3-D, uneven
+  ],
+)
 def test_per_group_matches_group_loop(variant, shape, axis, group_size, param_layout):
   rng = np.random.default_rng(len(shape) * 100 + group_size)
   x = rng.normal(0, 2, shape).astype(np.float32)
@@ -234,8 +244,9 @@ def test_per_group_matches_group_loop(variant, shape, axis, group_size, param_la
     pshape = tuple(n if d == ax else 1 for d in range(len(shape)))
   s = rng.uniform(0.02, 0.3, pshape).astype(np.float32)
   z = rng.integers(-3, 4, pshape).astype(np.float32)
-  ry, rmask = np_per_group(x, np.broadcast_to(s, full), np.broadcast_to(z, full), ax, group_size,
-                           -16, 15)
+  ry, rmask = np_per_group(
+    x, np.broadcast_to(s, full), np.broadcast_to(z, full), ax, group_size, -16, 15
+  )
   if param_layout == "vector":
     s, z = s.reshape(n), z.reshape(n)
   y, dx = fq_and_grad(variant, qmin=-16, qmax=15, axis=axis, group_size=group_size)(x, s, z)
@@ -428,8 +439,9 @@ def test_pact_forward_and_gradient(variant, bits):
 def test_pact_grid_and_per_channel_alpha(variant):
   x = jnp.asarray(np.random.default_rng(7).normal(0.5, 1, (5, 3)), jnp.float32)
   alpha = jnp.array([0.5, 1.0, 2.0])
-  y, da = variant(lambda x, a: (pact(x, a, 3),
-                                jax.grad(lambda a: pact(x, a, 3).sum())(a)))(x, alpha)
+  y, da = variant(lambda x, a: (pact(x, a, 3), jax.grad(lambda a: pact(x, a, 3).sum())(a)))(
+    x, alpha
+  )
   steps = np.asarray(y) / (np.asarray(alpha) / 7)
   np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
   assert steps.min() >= 0 and steps.max() <= 7 + 1e-4
@@ -438,8 +450,9 @@ def test_pact_grid_and_per_channel_alpha(variant):
 
 # --- properties ---------------------------------------------------------------------------------
 
-RANGES = [qrange(b, signed=sg, narrow=n) for b in (2, 4, 8) for sg in (True, False)
-          for n in (False, True)]
+RANGES = [
+  qrange(b, signed=sg, narrow=n) for b in (2, 4, 8) for sg in (True, False) for n in (False, True)
+]
 PROP = settings(max_examples=50, deadline=None)
 
 

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_layers_helpers import cheap_init, rand
 
 import qatjax
 from qatjax import QConvBN, QDense, QuantConfig
-from test_layers_helpers import cheap_init, rand
 
 VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
 
@@ -37,16 +37,20 @@ class ConvThenBN(nn.Module):
 def _variables(use_bias, seed=0):
   """Random (non-init) parameters and running statistics, in both layouts."""
   rng = np.random.default_rng(seed)
-  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
   kernel = f32(rng.normal(size=(3, 3, 4, 6)) * 0.3)
   bias = f32(rng.normal(size=6))
   gamma, beta = f32(rng.uniform(0.5, 2.0, 6)), f32(rng.normal(size=6))
   mean, var = f32(rng.normal(size=6)), f32(rng.uniform(0.3, 3.0, 6))
   conv = {"kernel": kernel, **({"bias": bias} if use_bias else {})}
-  ref = {"params": {"conv": conv, "bn": {"scale": gamma, "bias": beta}},
-         "batch_stats": {"bn": {"mean": mean, "var": var}}}
-  q = {"params": {**conv, "bn_scale": gamma, "bn_bias": beta},
-       "batch_stats": {"mean": mean, "var": var}}
+  ref = {
+    "params": {"conv": conv, "bn": {"scale": gamma, "bias": beta}},
+    "batch_stats": {"bn": {"mean": mean, "var": var}},
+  }
+  q = {
+    "params": {**conv, "bn_scale": gamma, "bn_bias": beta},
+    "batch_stats": {"mean": mean, "var": var},
+  }
   return ref, q
 
 
@@ -57,15 +61,22 @@ def _q_layer(config, use_bias=False, strides=1):
 def _q_vars(layer, qvars, x):
   stats = jax.eval_shape(lambda: layer.init(jax.random.key(0), x, use_running_average=True))
   flags = {k: jnp.ones((), jnp.bool_) for k in ("enabled", "observe")}
-  qs = {k: (flags[k] if k in flags else jnp.zeros(s.shape, s.dtype))
-        for k, s in stats.get("quant_stats", {}).items()}
+  qs = {
+    k: (flags[k] if k in flags else jnp.zeros(s.shape, s.dtype))
+    for k, s in stats.get("quant_stats", {}).items()
+  }
   return {**qvars, "quant_stats": qs}
 
 
-CONFIGS = {"float": None, "observer_w8a8": QuantConfig(),
-           "lsq_w4a4": QuantConfig(4, 4, method="lsq")}
+CONFIGS = {
+  "float": None,
+  "observer_w8a8": QuantConfig(),
+  "lsq_w4a4": QuantConfig(4, 4, method="lsq"),
+}
 # Jitted for every config and geometry; un-jitted for one (op-by-op runs compile every op).
-DISABLED_CASES = [(c, b, s, "with_jit") for c in sorted(CONFIGS) for b, s in ((False, 1), (True, 2))]
+DISABLED_CASES = [
+  (c, b, s, "with_jit") for c in sorted(CONFIGS) for b, s in ((False, 1), (True, 2))
+]
 DISABLED_CASES.append(("observer_w8a8", False, 1, "without_jit"))
 
 
@@ -83,20 +94,23 @@ def test_disabled_equals_conv_then_bn(config, use_bias, strides, variant_name):
     r_eval = ref.apply(ref_vars, x, use_running_average=True)
     r_train, r_upd = ref.apply(ref_vars, x, use_running_average=False, mutable=["batch_stats"])
     q_eval = layer.apply(v, x, use_running_average=True)
-    q_train, q_upd = layer.apply(v, x, use_running_average=False,
-                                 mutable=["batch_stats", "quant_stats"])
+    q_train, q_upd = layer.apply(
+      v, x, use_running_average=False, mutable=["batch_stats", "quant_stats"]
+    )
     return r_eval, r_train, r_upd, q_eval, q_train, q_upd
 
   r_eval, r_train, r_upd, q_eval, q_train, q_upd = VARIANTS[variant_name](run)(ref_vars, qv, x)
   np.testing.assert_allclose(q_eval, r_eval, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(q_train, r_train, rtol=1e-5, atol=1e-5)
   for stat in ("mean", "var"):
-    np.testing.assert_allclose(q_upd["batch_stats"][stat], r_upd["batch_stats"]["bn"][stat],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      q_upd["batch_stats"][stat], r_upd["batch_stats"]["bn"][stat], rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(q_upd["batch_stats"][stat], qv["batch_stats"][stat])
   # Training normalises with the batch: per-channel mean ~beta.
-  np.testing.assert_allclose(np.asarray(q_train).mean(axis=(0, 1, 2)),
-                             qv["params"]["bn_bias"], atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(q_train).mean(axis=(0, 1, 2)), qv["params"]["bn_bias"], atol=1e-4
+  )
 
 
 def test_running_stats_update_rules():
@@ -106,14 +120,15 @@ def test_running_stats_update_rules():
   v = _q_vars(layer, qv, x)
 
   def run(v, x):
-    train = lambda v, mut: layer.apply(v, x, use_running_average=False, mutable=mut)  # noqa
+    train = lambda v, mut: layer.apply(v, x, use_running_average=False, mutable=mut)
     out = {}
     out["mutable"] = train(v, ["batch_stats", "quant_stats"])
     out["immutable_bs"] = train(v, ["quant_stats"])
     frozen = qatjax.set_quant_flags(v, bn_frozen=True)
     out["frozen"] = train(frozen, ["batch_stats", "quant_stats"])
-    out["eval_mutable"] = layer.apply(v, x, use_running_average=True,
-                                      mutable=["batch_stats", "quant_stats"])
+    out["eval_mutable"] = layer.apply(
+      v, x, use_running_average=True, mutable=["batch_stats", "quant_stats"]
+    )
     out["frozen_eval"] = layer.apply(frozen, x, use_running_average=True)
     out["eval_plain"] = layer.apply(v, x, use_running_average=True)
     return out
@@ -135,22 +150,25 @@ def test_running_stats_update_rules():
   np.testing.assert_array_equal(out["frozen_eval"], out["eval_plain"])
 
 
-@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(4, 4, method="lsq")],
-                         ids=["observer", "lsq"])
+@pytest.mark.parametrize(
+  "config", [QuantConfig(), QuantConfig(4, 4, method="lsq")], ids=["observer", "lsq"]
+)
 def test_gamma_zero_no_nan(config):
   x = rand((3, 7, 7, 4), 3)
   _, qv = _variables(False)
   gamma = qv["params"]["bn_scale"].at[jnp.array([0, 3])].set(0.0)
   qv["params"]["bn_scale"] = gamma
   layer = _q_layer(config)
+
   @jax.jit
   def run(qv, x):
     init = layer.init(jax.random.key(0), x, use_running_average=False)
     v = {**init, "params": {**init["params"], **qv["params"]}, "batch_stats": qv["batch_stats"]}
 
     def loss(p, use_ra):
-      y, _ = layer.apply({**v, "params": p}, x, use_running_average=use_ra,
-                         mutable=["batch_stats", "quant_stats"])
+      y, _ = layer.apply(
+        {**v, "params": p}, x, use_running_average=use_ra, mutable=["batch_stats", "quant_stats"]
+      )
       return jnp.sum(y**2), y
 
     (_, y_train), g_train = jax.value_and_grad(loss, has_aux=True)(v["params"], False)
@@ -163,12 +181,13 @@ def test_gamma_zero_no_nan(config):
     assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(tree))
   beta = np.asarray(qv["params"]["bn_bias"])
   for y in (y_train, y_eval):  # gamma = 0: the channel is beta
-    np.testing.assert_allclose(np.asarray(y)[..., [0, 3]],
-                               np.broadcast_to(beta[[0, 3]], y.shape[:-1] + (2,)), atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(y)[..., [0, 3]], np.broadcast_to(beta[[0, 3]], y.shape[:-1] + (2,)), atol=1e-6
+    )
   assert np.any(np.asarray(g_train["kernel"]) != 0)
 
 
-# --- digits: folded W8A8 vs float conv + BN ----------------------------------------------------------
+# --- digits: folded W8A8 vs float conv + BN -------------------------------------------------------
 
 
 class FloatNet(nn.Module):
@@ -186,8 +205,9 @@ class FoldedNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for feats, stride in ((16, 1), (32, 2)):
-      x = QConvBN(feats, (3, 3), strides=stride, momentum=0.9, config=self.config,
-                  kernel_init=cheap_init)(x, use_running_average=not train)
+      x = QConvBN(
+        feats, (3, 3), strides=stride, momentum=0.9, config=self.config, kernel_init=cheap_init
+      )(x, use_running_average=not train)
       x = nn.relu(x)
     return QDense(10, config=self.config, kernel_init=cheap_init)(x.reshape(x.shape[0], -1))
 

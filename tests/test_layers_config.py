@@ -6,17 +6,17 @@ wrong rank, a non-integer QEmbed input, a config of the wrong type.
 """
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layers_helpers import cheap_init
 
 import qatjax
 from qatjax import QConv, QDense, QDenseGeneral, QEmbed, QuantConfig
-from test_layers_helpers import cheap_init
 
 VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
 
@@ -26,7 +26,9 @@ def variant(request):
   return VARIANTS[request.param]
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(weight_bits=1), r"weight_bits.*2\.\.8.*got 1"),
     (dict(weight_bits=9), r"weight_bits.*got 9"),
     (dict(weight_bits=8.0), r"weight_bits.*got 8\.0"),
@@ -48,7 +50,8 @@ def variant(request):
     (dict(pact=True, pact_init=0.0), r"pact_init.*0\.0"),
     (dict(method="lsq", weight_calibration="mse"), r"weight_calibration.*'mse'.*lsq"),
     (dict(weight_bits=None, act_bits=None), r"quantizes nothing"),
-])
+  ],
+)
 def test_quant_config_rejects(kwargs, match):
   with pytest.raises(ValueError, match=match):
     QuantConfig(**kwargs)
@@ -96,20 +99,38 @@ def _zero_variables(net, x):
 
 
 @pytest.mark.parametrize("config", [None, CFG], ids=["float", "quantized"])
-@pytest.mark.parametrize("layer,good,bad,match", [
-    (functools.partial(QDense, 4, kernel_init=cheap_init), (2, 3), (2, 5),
-     r"layer block/head: input feature size \(5,\) does not match its kernel.*\(3,\)"),
-    (functools.partial(QDenseGeneral, (2, 3), axis=(-2, -1), kernel_init=cheap_init), (2, 3, 4),
-     (2, 3, 5),
-     r"layer block/head: input shape \(3, 5\) does not match.*\(3, 4\)"),
-    (functools.partial(QConv, 8, (3, 3), kernel_init=cheap_init), (1, 6, 6, 3), (1, 6, 6, 5),
-     r"layer block/head: input of shape \(1, 6, 6, 5\) needs a kernel of shape \(3, 3, 5, 8\)"
-     r".*\(3, 3, 3, 8\)"),
-    (functools.partial(QConv, 6, (3,), feature_group_count=3, kernel_init=cheap_init),
-     (1, 6, 6), (1, 6, 9),
-     r"layer block/head: input of shape \(1, 6, 9\) needs a kernel of shape \(3, 3, 6\)"
-     r".*\(3, 2, 6\)"),
-], ids=["dense", "dense_general", "conv2d", "conv1d_grouped"])
+@pytest.mark.parametrize(
+  "layer,good,bad,match",
+  [
+    (
+      functools.partial(QDense, 4, kernel_init=cheap_init),
+      (2, 3),
+      (2, 5),
+      r"layer block/head: input feature size \(5,\) does not match its kernel.*\(3,\)",
+    ),
+    (
+      functools.partial(QDenseGeneral, (2, 3), axis=(-2, -1), kernel_init=cheap_init),
+      (2, 3, 4),
+      (2, 3, 5),
+      r"layer block/head: input shape \(3, 5\) does not match.*\(3, 4\)",
+    ),
+    (
+      functools.partial(QConv, 8, (3, 3), kernel_init=cheap_init),
+      (1, 6, 6, 3),
+      (1, 6, 6, 5),
+      r"layer block/head: input of shape \(1, 6, 6, 5\) needs a kernel of shape \(3, 3, 5, 8\)"
+      r".*\(3, 3, 3, 8\)",
+    ),
+    (
+      functools.partial(QConv, 6, (3,), feature_group_count=3, kernel_init=cheap_init),
+      (1, 6, 6),
+      (1, 6, 9),
+      r"layer block/head: input of shape \(1, 6, 9\) needs a kernel of shape \(3, 3, 6\)"
+      r".*\(3, 2, 6\)",
+    ),
+  ],
+  ids=["dense", "dense_general", "conv2d", "conv1d_grouped"],
+)
 def test_wrong_feature_size_names_layer_and_shapes(layer, good, bad, match, config, variant):
   net = Net(functools.partial(layer, config=config))
   v = _zero_variables(net, jnp.ones(good))
@@ -120,8 +141,11 @@ def test_wrong_feature_size_names_layer_and_shapes(layer, good, bad, match, conf
 @pytest.mark.parametrize("config", [None, CFG], ids=["float", "quantized"])
 def test_conv_wrong_rank_names_layer_and_shape(config, variant):
   net = Net(functools.partial(QConv, 8, (3, 3), config=config, kernel_init=cheap_init))
-  with pytest.raises(ValueError, match=r"layer block/head: a 2-D convolution needs inputs of "
-                                       r"rank >= 3.*got shape \(6, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer block/head: a 2-D convolution needs inputs of "
+    r"rank >= 3.*got shape \(6, 3\)",
+  ):
     variant(net.init)(jax.random.key(0), jnp.ones((6, 3)))
   v = _zero_variables(net, jnp.ones((1, 6, 6, 3)))
   with pytest.raises(ValueError, match=r"block/head.*rank >= 3.*\(6, 3\)"):
@@ -129,19 +153,35 @@ def test_conv_wrong_rank_names_layer_and_shape(config, variant):
 
 
 def test_conv_bad_geometry():
-  with pytest.raises(ValueError, match=r"block/head: input features 5 are not divisible by "
-                                       r"feature_group_count=2"):
+  with pytest.raises(
+    ValueError,
+    match=r"block/head: input features 5 are not divisible by "
+    r"feature_group_count=2",
+  ):
     Net(functools.partial(QConv, 4, (3,), feature_group_count=2, config=CFG)).init(
-        jax.random.key(0), jnp.ones((1, 6, 5)))
-  with pytest.raises(ValueError, match=r"block/head: kernel_size must have 1 to 3 dims.*"
-                                       r"\(1, 1, 1, 1\)"):
+      jax.random.key(0), jnp.ones((1, 6, 5))
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"block/head: kernel_size must have 1 to 3 dims.*"
+    r"\(1, 1, 1, 1\)",
+  ):
     Net(functools.partial(QConv, 4, (1, 1, 1, 1), config=CFG)).init(
-        jax.random.key(0), jnp.ones((1, 2, 2, 2, 2, 2)))
-  with pytest.raises(ValueError, match=r"block/head: per_group weights need a single "
-                                       r"contracting axis, got axis=\(1, 2\)"):
-    Net(functools.partial(QDenseGeneral, 3, axis=(1, 2), config=QuantConfig(
-        weight_granularity="per_group", weight_group_size=2))).init(jax.random.key(0),
-                                                                    jnp.ones((2, 3, 4)))
+      jax.random.key(0), jnp.ones((1, 2, 2, 2, 2, 2))
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"block/head: per_group weights need a single "
+    r"contracting axis, got axis=\(1, 2\)",
+  ):
+    Net(
+      functools.partial(
+        QDenseGeneral,
+        3,
+        axis=(1, 2),
+        config=QuantConfig(weight_granularity="per_group", weight_group_size=2),
+      )
+    ).init(jax.random.key(0), jnp.ones((2, 3, 4)))
 
 
 @pytest.mark.parametrize("config", [None, QuantConfig(4, None)], ids=["float", "quantized"])
@@ -156,6 +196,9 @@ def test_embed_rejects_non_integer_input(config, variant):
 
 def test_wrong_config_type_names_layer():
   net = Net(functools.partial(QDense, 3, config="int8"))
-  with pytest.raises(ValueError, match=r"config of layer 'block/head' must be a QuantConfig, "
-                                       r"QuantRules or None, got 'int8'"):
+  with pytest.raises(
+    ValueError,
+    match=r"config of layer 'block/head' must be a QuantConfig, "
+    r"QuantRules or None, got 'int8'",
+  ):
     net.init(jax.random.key(0), jnp.ones((1, 2)))

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layers_helpers import cheap_init, rand
 
 import qatjax
 from qatjax import QConv, QConvBN, QDense, QDenseGeneral, QEmbed, QuantConfig
-from test_layers_helpers import cheap_init, rand
 
 
 class Zoo(nn.Module):
@@ -27,25 +27,33 @@ class Zoo(nn.Module):
   def __call__(self, x4, x3, x2, tokens, train: bool = False):
     c = dict(config=self.config, kernel_init=cheap_init)
     return {
-        "conv": QConv(6, (3, 3), strides=(1, 2), padding=((1, 0), (2, 1)), **c)(x4),
-        "conv_bn": QConvBN(6, (3, 3), **c)(x4, use_running_average=not train),
-        "dense_general": QDenseGeneral((2, 3), **c)(x3),
-        "dense": QDense(5, **c)(x2),
-        "embed": QEmbed(10, 7, config=self.config, embedding_init=cheap_init)(tokens),
+      "conv": QConv(6, (3, 3), strides=(1, 2), padding=((1, 0), (2, 1)), **c)(x4),
+      "conv_bn": QConvBN(6, (3, 3), **c)(x4, use_running_average=not train),
+      "dense_general": QDenseGeneral((2, 3), **c)(x3),
+      "dense": QDense(5, **c)(x2),
+      "embed": QEmbed(10, 7, config=self.config, embedding_init=cheap_init)(tokens),
     }
 
 
 def _config(method, bits, granularity, **kw):
   group = dict(weight_group_size=3) if granularity == "per_group" else {}
-  return QuantConfig(bits, kw.pop("act_bits", bits), method=method,
-                     weight_granularity=granularity, **group, **kw)
+  return QuantConfig(
+    bits, kw.pop("act_bits", bits), method=method, weight_granularity=granularity, **group, **kw
+  )
 
 
-PAIRWISE = [("observer", 8, "per_tensor"), ("lsq", 4, "per_tensor"), ("observer", 4, "per_channel"),
-            ("lsq", 8, "per_channel"), ("observer", 8, "per_group"), ("lsq", 4, "per_group")]
+PAIRWISE = [
+  ("observer", 8, "per_tensor"),
+  ("lsq", 4, "per_tensor"),
+  ("observer", 4, "per_channel"),
+  ("lsq", 8, "per_channel"),
+  ("observer", 8, "per_group"),
+  ("lsq", 4, "per_group"),
+]
 CASES = {f"{m}-w{b}a{b}-{g}": _config(m, b, g) for m, b, g in PAIRWISE}
-CASES["observer-w8a8-per_channel-symmetric_act"] = _config("observer", 8, "per_channel",
-                                                           act_symmetric=True)
+CASES["observer-w8a8-per_channel-symmetric_act"] = _config(
+  "observer", 8, "per_channel", act_symmetric=True
+)
 CASES["lsq-w4-per_channel-weight_only"] = _config("lsq", 4, "per_channel", act_bits=None)
 # convert() runs the model once op by op (seconds of per-op compiles on CPU); the other cases
 # hand it a jitted apply (same code, one compile).
@@ -61,8 +69,13 @@ class JitApply:
   def apply(self, variables, *args, mutable, **kwargs):
     return self._apply(variables, *args, mutable=tuple(mutable), **kwargs)
 
-INPUTS = (rand((2, 5, 6, 7), 0, 1.5, 0.3), rand((3, 2, 7), 1), rand((4, 8), 2, 2.0),
-          jnp.asarray(np.random.default_rng(3).integers(0, 10, (2, 5)), jnp.int32))
+
+INPUTS = (
+  rand((2, 5, 6, 7), 0, 1.5, 0.3),
+  rand((3, 2, 7), 1),
+  rand((4, 8), 2, 2.0),
+  jnp.asarray(np.random.default_rng(3).integers(0, 10, (2, 5)), jnp.int32),
+)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -74,8 +87,9 @@ def test_integer_path_agrees_with_fake_quant(case):
   @jax.jit
   def calibrate_and_eval(xs, eval_xs):
     v = model.init(jax.random.key(0), *xs, train=True)
-    bs = jax.tree.map(lambda s: s + jnp.linspace(0.1, 0.9, s.size).reshape(s.shape),
-                      v["batch_stats"])
+    bs = jax.tree.map(
+      lambda s: s + jnp.linspace(0.1, 0.9, s.size).reshape(s.shape), v["batch_stats"]
+    )
     _, upd = model.apply({**v, "batch_stats": bs}, *xs, train=True, mutable=["quant_stats"])
     v = {**v, **upd, "batch_stats": bs}
     return v, model.apply(v, *eval_xs)

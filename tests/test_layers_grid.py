@@ -15,20 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layers_helpers import cheap_init
+from test_layers_helpers import rand as _rand
 
 from qatjax import EPS, QConv, QConvBN, QDense, QDenseGeneral, QEmbed, QuantConfig
-from test_layers_helpers import cheap_init, rand as _rand
 
 CONFIGS = {
-    "obs_w8a8_channel": QuantConfig(),
-    "obs_w4a8_tensor": QuantConfig(4, 8, weight_granularity="per_tensor"),
-    "obs_w4a4_group4_symmetric": QuantConfig(4, 4, weight_granularity="per_group",
-                                             weight_group_size=4, act_symmetric=True),
-    "lsq_w8a8_channel": QuantConfig(8, 8, method="lsq"),
-    "lsq_w4a4_group4": QuantConfig(4, 4, method="lsq", weight_granularity="per_group",
-                                   weight_group_size=4),
-    "lsq_w3a5_tensor_symmetric": QuantConfig(3, 5, method="lsq", weight_granularity="per_tensor",
-                                             act_symmetric=True),
+  "obs_w8a8_channel": QuantConfig(),
+  "obs_w4a8_tensor": QuantConfig(4, 8, weight_granularity="per_tensor"),
+  "obs_w4a4_group4_symmetric": QuantConfig(
+    4, 4, weight_granularity="per_group", weight_group_size=4, act_symmetric=True
+  ),
+  "lsq_w8a8_channel": QuantConfig(8, 8, method="lsq"),
+  "lsq_w4a4_group4": QuantConfig(
+    4, 4, method="lsq", weight_granularity="per_group", weight_group_size=4
+  ),
+  "lsq_w3a5_tensor_symmetric": QuantConfig(
+    3, 5, method="lsq", weight_granularity="per_tensor", act_symmetric=True
+  ),
 }
 
 
@@ -41,13 +45,25 @@ INIT = dict(kernel_init=cheap_init, bias_init=_bias_init)
 
 # name -> (Q ctor, flax ctor, input shape, (in_axis, out_axis) of the 2-D/N-D kernel view).
 LAYERS = {
-    "dense": (lambda c: QDense(5, config=c, **INIT), lambda: nn.Dense(5), (4, 7), "dense"),
-    "dense_general": (lambda c: QDenseGeneral((2, 3), config=c, **INIT),
-                      lambda: nn.DenseGeneral((2, 3)), (3, 2, 9), "dense_general"),
-    "conv2d": (lambda c: QConv(4, (3, 3), strides=(2, 1), config=c, **INIT),
-               lambda: nn.Conv(4, (3, 3), strides=(2, 1)), (2, 5, 4, 6), "conv"),
-    "embed": (lambda c: QEmbed(9, 6, config=c, embedding_init=cheap_init),
-              lambda: nn.Embed(9, 6), (3, 4), "embed"),
+  "dense": (lambda c: QDense(5, config=c, **INIT), lambda: nn.Dense(5), (4, 7), "dense"),
+  "dense_general": (
+    lambda c: QDenseGeneral((2, 3), config=c, **INIT),
+    lambda: nn.DenseGeneral((2, 3)),
+    (3, 2, 9),
+    "dense_general",
+  ),
+  "conv2d": (
+    lambda c: QConv(4, (3, 3), strides=(2, 1), config=c, **INIT),
+    lambda: nn.Conv(4, (3, 3), strides=(2, 1)),
+    (2, 5, 4, 6),
+    "conv",
+  ),
+  "embed": (
+    lambda c: QEmbed(9, 6, config=c, embedding_init=cheap_init),
+    lambda: nn.Embed(9, 6),
+    (3, 4),
+    "embed",
+  ),
 }
 
 
@@ -141,7 +157,7 @@ def _run(layer, config):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_kernel_and_input_on_grid(layer, config):
-  q, cfg, x, v, y, exported, (ints, deq) = _run(layer, config)
+  _, cfg, x, v, y, exported, (ints, deq) = _run(layer, config)
   _, make_flax, _, kind = LAYERS[layer]
   params = v["params"]
   wname = "embedding" if kind == "embed" else "kernel"
@@ -210,8 +226,11 @@ def test_conv_bn_folded_kernel_on_grid(config):
   @jax.jit
   def go(x_cal, x):
     v = layer.init(jax.random.key(0), x_cal, use_running_average=True)
-    v = {**v, "params": {**v["params"], "bn_scale": gamma, "bn_bias": beta},
-         "batch_stats": {"mean": mean, "var": var}}
+    v = {
+      **v,
+      "params": {**v["params"], "bn_scale": gamma, "bn_bias": beta},
+      "batch_stats": {"mean": mean, "var": var},
+    }
     _, upd = layer.apply(v, x_cal, use_running_average=True, mutable=["quant_stats"])
     v = {**v, **upd}
     y, ex = layer.apply(v, x, use_running_average=True, mutable=["quant_record"])

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZER_LEAVES = frozenset({"kernel_scale", "embedding_scale", "input_scale",
-                              "input_zero_point", "input_alpha"})
+QUANTIZER_LEAVES = frozenset(
+  {"kernel_scale", "embedding_scale", "input_scale", "input_zero_point", "input_alpha"}
+)
 
 
 def cheap_init(key, shape, dtype=jnp.float32):
@@ -40,8 +41,9 @@ def rand(shape, seed, scale=1.0, shift=0.0):
 
 def test_cheap_init_is_deterministic_key_dependent_and_lecun_scaled():
   a = np.asarray(cheap_init(jax.random.key(0), (200, 50)))
-  np.testing.assert_array_equal(a, np.asarray(jax.jit(cheap_init, static_argnums=1)(
-      jax.random.key(0), (200, 50))))
+  np.testing.assert_array_equal(
+    a, np.asarray(jax.jit(cheap_init, static_argnums=1)(jax.random.key(0), (200, 50)))
+  )
   b = np.asarray(cheap_init(jax.random.key(1), (200, 50)))
   assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.05
   np.testing.assert_allclose(a.std(), 1 / math.sqrt(200), rtol=0.05)

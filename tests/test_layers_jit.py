@@ -12,14 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from test_layers_helpers import QUANTIZER_LEAVES, cheap_init
 
 import qatjax
 from qatjax import QConv, QConvBN, QDense, QDenseGeneral, QEmbed, QuantConfig
-from test_layers_helpers import QUANTIZER_LEAVES, cheap_init
 
-RULES = qatjax.rules({"QConv_0|QDense_0": QuantConfig(8, 8),
-                      "QEmbed": QuantConfig(4, None, method="lsq"),
-                      ".*": QuantConfig(4, 4, method="lsq")})
+RULES = qatjax.rules(
+  {
+    "QConv_0|QDense_0": QuantConfig(8, 8),
+    "QEmbed": QuantConfig(4, None, method="lsq"),
+    ".*": QuantConfig(4, 4, method="lsq"),
+  }
+)
 
 
 class Net(nn.Module):
@@ -38,9 +42,11 @@ class Net(nn.Module):
 
 def _data(seed=0):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32),
-          jnp.asarray(rng.integers(0, 12, (8, 3)), jnp.int32),
-          jnp.asarray(rng.integers(0, 10, (8,)), jnp.int32))
+  return (
+    jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32),
+    jnp.asarray(rng.integers(0, 12, (8, 3)), jnp.int32),
+    jnp.asarray(rng.integers(0, 10, (8,)), jnp.int32),
+  )
 
 
 def _make_step(model, tx, schedule):
@@ -52,8 +58,9 @@ def _make_step(model, tx, schedule):
     rest = schedule(rest, step)
 
     def loss_fn(p):
-      logits, upd = model.apply({**rest, "params": p}, x, tokens, train=True,
-                                mutable=["quant_stats", "batch_stats"])
+      logits, upd = model.apply(
+        {**rest, "params": p}, x, tokens, train=True, mutable=["quant_stats", "batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
     (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -72,7 +79,7 @@ def _schedule(rest, step):
 
 def test_train_step_traces_once_with_traced_flag_schedule():
   model = Net()
-  x, tokens, y = _data()
+  x, tokens, _ = _data()
   v = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, tokens, train=True)
   assert {"params", "quant_stats", "batch_stats"} <= set(v)
   tx = optax.adam(1e-2)
@@ -95,28 +102,36 @@ def test_train_step_traces_once_with_traced_flag_schedule():
   assert [bool(s["QConvBN_0"]["bn_frozen"]) for s in stats] == [False, False] + [True] * 4
   # Observers counted steps 0, 1, 2 (also while disabled), then froze.
   assert [int(s["QConv_0"]["input_count"]) for s in stats] == [1, 2, 3, 3, 3, 3]
-  np.testing.assert_array_equal(stats[2]["QDense_0"]["input_max"],
-                                stats[5]["QDense_0"]["input_max"])
+  np.testing.assert_array_equal(
+    stats[2]["QDense_0"]["input_max"], stats[5]["QDense_0"]["input_max"]
+  )
   # BN running statistics moved in steps 0 and 1, then froze.
   bn = [h["batch_stats"]["QConvBN_0"]["mean"] for h in history]
   assert not np.array_equal(bn[0], bn[1])
   np.testing.assert_array_equal(bn[1], bn[5])
   # LSQ parameters are trained (they get gradients once quantization is on).
-  assert not np.allclose(params["QConvBN_0"]["kernel_scale"],
-                         v["params"]["QConvBN_0"]["kernel_scale"])
+  assert not np.allclose(
+    params["QConvBN_0"]["kernel_scale"], v["params"]["QConvBN_0"]["kernel_scale"]
+  )
 
 
 def test_disabled_step_equals_float_model():
   """Step 0 of the schedule (everything disabled) computes the float model's loss and grads."""
   qmodel, fmodel = Net(), Net(config=None)
   x, tokens, y = _data()
-  init = jax.jit(lambda: (qmodel.init(jax.random.key(0), x, tokens, train=True),
-                          fmodel.init(jax.random.key(0), x, tokens, train=True)))
+  init = jax.jit(
+    lambda: (
+      qmodel.init(jax.random.key(0), x, tokens, train=True),
+      fmodel.init(jax.random.key(0), x, tokens, train=True),
+    )
+  )
   v, fvars = init()
   # The float model has the same tree minus the quantizer parameters (and quant_stats holds
   # only QConvBN's bn_frozen switch).
-  fparams = {k: {n: p for n, p in layer.items() if n not in QUANTIZER_LEAVES}
-             for k, layer in v["params"].items()}
+  fparams = {
+    k: {n: p for n, p in layer.items() if n not in QUANTIZER_LEAVES}
+    for k, layer in v["params"].items()
+  }
   assert jax.tree.structure(fparams) == jax.tree.structure(fvars["params"])
   assert set(fvars["quant_stats"]) == {"QConvBN_0"}
 
@@ -124,23 +139,26 @@ def test_disabled_step_equals_float_model():
   def both(v, fvars):
     def q_loss(p):
       rest = qatjax.set_quant_flags({k: c for k, c in v.items() if k != "params"}, enabled=False)
-      logits, _ = qmodel.apply({**rest, "params": p}, x, tokens, train=True,
-                               mutable=["quant_stats", "batch_stats"])
+      logits, _ = qmodel.apply(
+        {**rest, "params": p}, x, tokens, train=True, mutable=["quant_stats", "batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def f_loss(p):
-      logits, _ = fmodel.apply({**fvars, "params": p}, x, tokens, train=True,
-                               mutable=["batch_stats"])
+      logits, _ = fmodel.apply(
+        {**fvars, "params": p}, x, tokens, train=True, mutable=["batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    return (jax.value_and_grad(q_loss)(v["params"]),
-            jax.value_and_grad(f_loss)(fvars["params"]))
+    return (jax.value_and_grad(q_loss)(v["params"]), jax.value_and_grad(f_loss)(fvars["params"]))
 
   (ql, qg), (fl, fg) = both(v, {**fvars, "params": fparams, "batch_stats": v["batch_stats"]})
   np.testing.assert_allclose(ql, fl, rtol=1e-6)
   for layer, grads in fg.items():
     for name, g in grads.items():
-      np.testing.assert_allclose(qg[layer][name], g, rtol=1e-5, atol=1e-7, err_msg=f"{layer}/{name}")
+      np.testing.assert_allclose(
+        qg[layer][name], g, rtol=1e-5, atol=1e-7, err_msg=f"{layer}/{name}"
+      )
   # Disabled quantizers get no gradient (LSQ scales are unused while disabled).
   for layer in ("QConvBN_0", "QDenseGeneral_0"):
     np.testing.assert_array_equal(qg[layer]["kernel_scale"], 0.0)

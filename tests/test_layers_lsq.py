@@ -16,6 +16,7 @@ import pytest
 
 from qatjax import EPS, QConv, QDense, QuantConfig, lsq_fake_quant, lsq_grad_scale
 
+
 def _rand(shape, seed, scale=1.0, shift=0.0):
   return jnp.asarray(shift + scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
@@ -38,31 +39,54 @@ def _np_lsq_weight_init(w, cfg, in_axis, out_axis):
     m = a.mean(axis=tuple(d for d in range(a.ndim) if d != out_axis))
   else:
     g = cfg.weight_group_size
-    blocks = [np.take(a, range(s, min(s + g, a.shape[in_axis])), axis=in_axis)
-              for s in range(0, a.shape[in_axis], g)]
+    blocks = [
+      np.take(a, range(s, min(s + g, a.shape[in_axis])), axis=in_axis)
+      for s in range(0, a.shape[in_axis], g)
+    ]
     other = tuple(d for d in range(a.ndim) if d not in (in_axis, out_axis))
-    m = np.concatenate([b.mean(axis=other + (in_axis,), keepdims=True) for b in blocks],
-                       axis=in_axis)
+    m = np.concatenate(
+      [b.mean(axis=other + (in_axis,), keepdims=True) for b in blocks], axis=in_axis
+    )
     m = m.reshape([m.shape[d] if d in (in_axis, out_axis) else 1 for d in range(a.ndim)])
   return np.maximum(2.0 * m / math.sqrt(qmax), EPS)
 
 
 INIT_CASES = {
-    "dense_channel_w8": (lambda c: QDense(6, config=c, kernel_init=_kernel_init), (5, 7), 0, 1,
-                         QuantConfig(8, 8, method="lsq")),
-    "dense_tensor_w4_symmetric_act": (lambda c: QDense(6, config=c, kernel_init=_kernel_init),
-                                      (5, 7), 0, 1,
-                                      QuantConfig(4, 4, method="lsq", act_symmetric=True,
-                                                  weight_granularity="per_tensor")),
-    "dense_group3_w4": (lambda c: QDense(6, config=c, kernel_init=_kernel_init), (5, 7), 0, 1,
-                        QuantConfig(4, 8, method="lsq", weight_granularity="per_group",
-                                    weight_group_size=3)),
-    "conv_channel_w2": (lambda c: QConv(4, (3, 2), config=c, kernel_init=_kernel_init),
-                        (2, 5, 5, 3), 2, 3, QuantConfig(2, 8, method="lsq")),
-    "conv_group2_w4": (lambda c: QConv(4, (3,), config=c, kernel_init=_kernel_init),
-                       (2, 5, 5), 1, 2, QuantConfig(4, 4, method="lsq",
-                                                   weight_granularity="per_group",
-                                                   weight_group_size=2)),
+  "dense_channel_w8": (
+    lambda c: QDense(6, config=c, kernel_init=_kernel_init),
+    (5, 7),
+    0,
+    1,
+    QuantConfig(8, 8, method="lsq"),
+  ),
+  "dense_tensor_w4_symmetric_act": (
+    lambda c: QDense(6, config=c, kernel_init=_kernel_init),
+    (5, 7),
+    0,
+    1,
+    QuantConfig(4, 4, method="lsq", act_symmetric=True, weight_granularity="per_tensor"),
+  ),
+  "dense_group3_w4": (
+    lambda c: QDense(6, config=c, kernel_init=_kernel_init),
+    (5, 7),
+    0,
+    1,
+    QuantConfig(4, 8, method="lsq", weight_granularity="per_group", weight_group_size=3),
+  ),
+  "conv_channel_w2": (
+    lambda c: QConv(4, (3, 2), config=c, kernel_init=_kernel_init),
+    (2, 5, 5, 3),
+    2,
+    3,
+    QuantConfig(2, 8, method="lsq"),
+  ),
+  "conv_group2_w4": (
+    lambda c: QConv(4, (3,), config=c, kernel_init=_kernel_init),
+    (2, 5, 5),
+    1,
+    2,
+    QuantConfig(4, 4, method="lsq", weight_granularity="per_group", weight_group_size=2),
+  ),
 }
 
 
@@ -78,8 +102,9 @@ def test_lsq_init_values(case):
   assert cfg.weight_range == (-(2 ** (cfg.weight_bits - 1)), 2 ** (cfg.weight_bits - 1) - 1)
   qmin, qmax = cfg.act_range
   if cfg.act_symmetric:
-    np.testing.assert_allclose(p["input_scale"], 2 * np.abs(np.asarray(x)).mean() / math.sqrt(qmax),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      p["input_scale"], 2 * np.abs(np.asarray(x)).mean() / math.sqrt(qmax), rtol=1e-5
+    )
     assert "input_zero_point" not in p
   else:  # affine: the first batch's range, zero exactly representable
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
@@ -89,17 +114,24 @@ def test_lsq_init_values(case):
 
 
 GRAD_CASES = {
-    "dense_lsq_plus_w4a4": (lambda c: QDense(6, config=c, kernel_init=_kernel_init), (8, 7),
-                            QuantConfig(4, 4, method="lsq"),
-                            ("kernel_scale", "input_scale", "input_zero_point")),
-    "conv_lsq_w8a8_group": (lambda c: QConv(4, (3, 3), config=c, kernel_init=_kernel_init),
-                            (2, 5, 5, 3), QuantConfig(8, 8, method="lsq",
-                                                      weight_granularity="per_group",
-                                                      weight_group_size=2),
-                            ("kernel_scale", "input_scale", "input_zero_point")),
-    "dense_lsq_symmetric_pact": (lambda c: QDense(6, config=c, kernel_init=_kernel_init), (8, 7),
-                                 QuantConfig(4, 4, method="lsq", pact=True, pact_init=1.0),
-                                 ("kernel_scale", "input_alpha")),
+  "dense_lsq_plus_w4a4": (
+    lambda c: QDense(6, config=c, kernel_init=_kernel_init),
+    (8, 7),
+    QuantConfig(4, 4, method="lsq"),
+    ("kernel_scale", "input_scale", "input_zero_point"),
+  ),
+  "conv_lsq_w8a8_group": (
+    lambda c: QConv(4, (3, 3), config=c, kernel_init=_kernel_init),
+    (2, 5, 5, 3),
+    QuantConfig(8, 8, method="lsq", weight_granularity="per_group", weight_group_size=2),
+    ("kernel_scale", "input_scale", "input_zero_point"),
+  ),
+  "dense_lsq_symmetric_pact": (
+    lambda c: QDense(6, config=c, kernel_init=_kernel_init),
+    (8, 7),
+    QuantConfig(4, 4, method="lsq", pact=True, pact_init=1.0),
+    ("kernel_scale", "input_alpha"),
+  ),
 }
 
 
@@ -118,9 +150,9 @@ def test_lsq_scales_get_gradients_and_move_under_adam(case):
     def loss(p):
       return jnp.mean((q.apply({**rest, "params": p}, x) - t) ** 2)
 
-    l, g = jax.value_and_grad(loss)(params)
+    value, g = jax.value_and_grad(loss)(params)
     upd, opt_state = opt.update(g, opt_state, params)
-    return l, g, optax.apply_updates(params, upd), opt_state
+    return value, g, optax.apply_updates(params, upd), opt_state
 
   rest = {k: c for k, c in v.items() if k != "params"}
   params = v["params"]
@@ -143,8 +175,9 @@ def test_input_scale_gradient_uses_lsq_grad_scale():
   x = _rand((4, 6), 0)
   v = q.init(jax.random.key(0), x)
   p = v["params"]
-  g_layer = jax.jit(jax.grad(
-      lambda s: jnp.sum(q.apply({**v, "params": {**p, "input_scale": s}}, x))))(p["input_scale"])
+  g_layer = jax.jit(
+    jax.grad(lambda s: jnp.sum(q.apply({**v, "params": {**p, "input_scale": s}}, x)))
+  )(p["input_scale"])
   w_fq = lsq_fake_quant(p["kernel"], p["kernel_scale"], None, *cfg.weight_range, axis=1)
 
   def ref(s, grad_scale):

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layers_helpers import QUANTIZER_LEAVES, cheap_init, rand
 
 import qatjax
 from qatjax import EPS, QConv, QDense, QuantConfig
-from test_layers_helpers import QUANTIZER_LEAVES, cheap_init, rand
 
 
 class Block(nn.Module):
@@ -45,8 +45,9 @@ class QBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.relu(QConv(8, (3, 3), strides=2, config=self.config, kernel_init=cheap_init,
-                         name="Conv_0")(x))
+    return nn.relu(
+      QConv(8, (3, 3), strides=2, config=self.config, kernel_init=cheap_init, name="Conv_0")(x)
+    )
 
 
 class QCNN(nn.Module):
@@ -65,14 +66,17 @@ class QCNN(nn.Module):
 
 PATHS = ["Conv_0", "Block_0/Conv_0", "Dense_0", "Dense_1"]
 
-RULES = qatjax.rules({
+RULES = qatjax.rules(
+  {
     "^Conv_0$": QuantConfig(8, 8),
     "Block_0/Conv_0": QuantConfig(4, 4, method="lsq"),
-    "Dense_0": QuantConfig(8, 4, method="lsq", weight_granularity="per_group",
-                           weight_group_size=16),
+    "Dense_0": QuantConfig(
+      8, 4, method="lsq", weight_granularity="per_group", weight_group_size=16
+    ),
     "Dense_1": None,  # stays float
     "Attention": QuantConfig(),  # matches nothing
-})
+  }
+)
 
 X = rand((4, 8, 8, 3), 0)
 
@@ -83,6 +87,7 @@ def _sig(tree):
 
 def _flat(tree):
   from flax import traverse_util
+
   return traverse_util.flatten_dict(tree, sep="/")
 
 
@@ -98,7 +103,9 @@ def test_quantize_model_matches_explicit_q_layers():
   jax.tree.map(np.testing.assert_array_equal, vq, ve)
   # The float model's params are a subset (quantizer leaves aside) with the same values.
   flat_q = _flat(vq["params"])
-  assert {k for k in flat_q if k.rsplit("/", 1)[1] not in QUANTIZER_LEAVES} == set(_flat(fv["params"]))
+  assert {k for k in flat_q if k.rsplit("/", 1)[1] not in QUANTIZER_LEAVES} == set(
+    _flat(fv["params"])
+  )
   for k, p in _flat(fv["params"]).items():
     np.testing.assert_array_equal(flat_q[k], p)
   # Dense_1 maps to None: no quantizer state at all.
@@ -134,12 +141,17 @@ def test_quantize_model_single_config_and_report():
   assert set(v["quant_stats"]) == {"Conv_0", "Block_0", "Dense_0", "Dense_1"}
   assert qatjax.rules_report(qm, X) == {".*": PATHS}
   report = qatjax.rules_report(qatjax.quantize_model(FloatCNN(), RULES), X)
-  assert report == {"^Conv_0$": ["Conv_0"], "Block_0/Conv_0": ["Block_0/Conv_0"],
-                    "Dense_0": ["Dense_0"], "Dense_1": ["Dense_1"], "Attention": []}
+  assert report == {
+    "^Conv_0$": ["Conv_0"],
+    "Block_0/Conv_0": ["Block_0/Conv_0"],
+    "Dense_0": ["Dense_0"],
+    "Dense_1": ["Dense_1"],
+    "Attention": [],
+  }
   # First match wins: ".*Conv_\d+" takes both convs before ".*" sees them.
   first = qatjax.rules_report(
-      qatjax.quantize_model(FloatCNN(), {r".*Conv_\d+": QuantConfig(4, 4), ".*": QuantConfig()}),
-      X)
+    qatjax.quantize_model(FloatCNN(), {r".*Conv_\d+": QuantConfig(4, 4), ".*": QuantConfig()}), X
+  )
   assert first == {r".*Conv_\d+": ["Conv_0", "Block_0/Conv_0"], ".*": ["Dense_0", "Dense_1"]}
 
 
@@ -165,15 +177,18 @@ def test_rules_match_whole_paths():
   assert set(v["quant_stats"]) == {"Dense_1"}
 
 
-# --- from_float ------------------------------------------------------------------------------------
+# --- from_float -----------------------------------------------------------------------------------
 
 
 def _float_checkpoint():
   """A 'trained' float checkpoint (not the Q model's init: another key, biases moved)."""
   fv = jax.jit(FloatCNN().init)(jax.random.key(42), X)
-  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + np.linspace(0, 0.01, p.size,
-                                                                        dtype=np.float32)
-                                            .reshape(p.shape)), fv)
+  return jax.tree.map(
+    lambda p: jnp.asarray(
+      np.asarray(p) + np.linspace(0, 0.01, p.size, dtype=np.float32).reshape(p.shape)
+    ),
+    fv,
+  )
 
 
 def _from_float(qmodel, fv, *args, **kwargs):
@@ -243,8 +258,9 @@ def test_from_float_copies_batch_stats_unchanged():
   qmodel = qatjax.quantize_model(FloatBN(), QuantConfig(method="lsq"))
   qv = qatjax.from_float(qmodel, fv, X, train=True)  # un-jitted, training-mode example call
   jax.tree.map(np.testing.assert_array_equal, qv["batch_stats"], fv["batch_stats"])
-  np.testing.assert_array_equal(qv["params"]["BatchNorm_0"]["scale"],
-                                fv["params"]["BatchNorm_0"]["scale"])
+  np.testing.assert_array_equal(
+    qv["params"]["BatchNorm_0"]["scale"], fv["params"]["BatchNorm_0"]["scale"]
+  )
 
 
 def test_from_float_names_mismatched_paths():
@@ -259,14 +275,17 @@ def test_from_float_names_mismatched_paths():
   block = dict(fv["params"]["Block_0"])
   block["Conv_0"] = {**block["Conv_0"], "kernel": jnp.ones((3, 3, 4, 9))}
   wrong = {"params": {**fv["params"], "Block_0": block}}
-  with pytest.raises(ValueError, match=r"params/Block_0/Conv_0/kernel.*\(3, 3, 4, 9\).*"
-                                       r"\(3, 3, 4, 8\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"params/Block_0/Conv_0/kernel.*\(3, 3, 4, 9\).*"
+    r"\(3, 3, 4, 8\)",
+  ):
     qatjax.from_float(qmodel, wrong, X)
   with pytest.raises(ValueError, match="params"):
     qatjax.from_float(qmodel, {"batch_stats": {}}, X)
 
 
-# --- mixed precision ---------------------------------------------------------------------------------
+# --- mixed precision ------------------------------------------------------------------------------
 
 
 class JitApply:
@@ -287,6 +306,7 @@ BITS = {"Conv_0": 8, "Block_0/Conv_0": 4, "Dense_0": 4, "Dense_1": 8}
 @pytest.mark.parametrize("kind", ["quantize_model", "explicit"])
 def test_mixed_precision_bits_used(kind):
   model = qatjax.quantize_model(FloatCNN(), MIXED) if kind == "quantize_model" else QCNN(MIXED)
+
   @jax.jit
   def calibrated(x):
     v = model.init(jax.random.key(0), x)
@@ -300,8 +320,9 @@ def test_mixed_precision_bits_used(kind):
     assert qa.values.dtype == (jnp.uint8 if bits <= 4 else jnp.int8), path
     ints = np.asarray(qa.unpack())
     # Observer min/max per channel, narrow range: every channel's largest |w| maps to 2**(b-1)-1.
-    np.testing.assert_array_equal(np.abs(ints).max(axis=tuple(range(ints.ndim - 1))),
-                                  2 ** (bits - 1) - 1, err_msg=path)
+    np.testing.assert_array_equal(
+      np.abs(ints).max(axis=tuple(range(ints.ndim - 1))), 2 ** (bits - 1) - 1, err_msg=path
+    )
     zx = float(qv[f"{path}/input_zero_point"])
     assert 0 <= zx <= 2**bits - 1 and zx == round(zx), path
     # The kernel is stored in bits/8 bytes per weight (plus the padding nibble).

@@ -31,8 +31,8 @@ def _zeros_init(key, shape, dtype=jnp.float32):
 
 
 LAYERS = {
-    "dense": (lambda cfg: QDense(3, config=cfg, kernel_init=_zeros_init), (4, 5)),
-    "conv": (lambda cfg: QConv(3, (3,), config=cfg, kernel_init=_zeros_init), (4, 6, 2)),
+  "dense": (lambda cfg: QDense(3, config=cfg, kernel_init=_zeros_init), (4, 5)),
+  "conv": (lambda cfg: QConv(3, (3,), config=cfg, kernel_init=_zeros_init), (4, 6, 2)),
 }
 
 
@@ -170,8 +170,9 @@ def test_calibration_kinds_track_different_ranges():
   def run(x, x2):
     out = {}
     for kind in kinds:
-      q = QDense(3, config=QuantConfig(act_calibration=kind, act_momentum=0.5),
-                 kernel_init=_zeros_init)
+      q = QDense(
+        3, config=QuantConfig(act_calibration=kind, act_momentum=0.5), kernel_init=_zeros_init
+      )
       v = q.init(jax.random.key(0), x)
       for b in (x, x2):
         _, s = q.apply(v, b, mutable=["quant_stats"])

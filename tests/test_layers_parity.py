@@ -10,24 +10,22 @@ Compilation dominates the cost of these tests on CPU, so initializers are cheap
 un-jitted variant runs on a representative subset.
 """
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layers_helpers import QUANTIZER_LEAVES, cheap_init
 
 import qatjax
 from qatjax import QConv, QDense, QDenseGeneral, QEmbed, QuantConfig
-from test_layers_helpers import QUANTIZER_LEAVES, cheap_init
 
 VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
 
 CONFIGS = {
-    "float": None,
-    "observer_w8a8": QuantConfig(),
-    "lsq_w4a4_tensor": QuantConfig(4, 4, method="lsq", weight_granularity="per_tensor"),
+  "float": None,
+  "observer_w8a8": QuantConfig(),
+  "lsq_w4a4_tensor": QuantConfig(4, 4, method="lsq", weight_granularity="per_tensor"),
 }
 
 
@@ -38,40 +36,53 @@ def _dense(features, **kw):
 
 def _dg(features, **kw):
   kw.setdefault("kernel_init", cheap_init)
-  return ((lambda: nn.DenseGeneral(features, **kw)),
-          (lambda cfg: QDenseGeneral(features, config=cfg, **kw)))
+  return (
+    (lambda: nn.DenseGeneral(features, **kw)),
+    (lambda cfg: QDenseGeneral(features, config=cfg, **kw)),
+  )
 
 
 def _conv(features, kernel_size, **kw):
   kw.setdefault("kernel_init", cheap_init)
-  return ((lambda: nn.Conv(features, kernel_size, **kw)),
-          (lambda cfg: QConv(features, kernel_size, config=cfg, **kw)))
+  return (
+    (lambda: nn.Conv(features, kernel_size, **kw)),
+    (lambda cfg: QConv(features, kernel_size, config=cfg, **kw)),
+  )
 
 
 # name -> (flax ctor, Q ctor, input shape); "embed*" layers take integer inputs.
 LAYERS = {
-    "dense": (*_dense(5), (3, 7)),
-    "dense_3d_input_no_bias": (*_dense(5, use_bias=False), (2, 3, 7)),
-    "dense_general_two_axes": (*_dg((2, 3), axis=(1, 2)), (2, 3, 4, 5)),
-    "dense_general_unsorted_axes": (*_dg((2, 3), axis=(-1, 1)), (2, 3, 4, 5)),
-    "dense_general_last": (*_dg(4), (3, 6)),
-    "conv1d": (*_conv(6, (3,)), (2, 9, 4)),
-    "conv1d_unbatched": (*_conv(6, 3), (9, 4)),
-    "conv1d_causal_kernel_dilation": (*_conv(6, (3,), padding="CAUSAL", kernel_dilation=2),
-                                      (2, 9, 4)),
-    "conv2d_same_stride2": (*_conv(6, (3, 3), strides=2), (2, 7, 6, 4)),
-    "conv2d_valid": (*_conv(6, (3, 2), padding="VALID"), (2, 7, 6, 4)),
-    "conv2d_explicit_input_dilation": (*_conv(6, (3, 3), padding=((1, 1), (0, 2)),
-                                              input_dilation=2), (2, 5, 4, 4)),
-    "conv2d_int_padding": (*_conv(6, (3, 3), padding=1), (2, 7, 6, 4)),
-    "conv2d_circular_kernel_dilation": (*_conv(6, (3, 3), padding="CIRCULAR",
-                                               kernel_dilation=(1, 2)), (2, 7, 6, 4)),
-    "conv2d_grouped": (*_conv(6, (3, 3), feature_group_count=2), (2, 7, 6, 4)),
-    "conv2d_depthwise": (*_conv(8, (3, 3), feature_group_count=4), (2, 7, 6, 4)),
-    "conv2d_two_batch_dims": (*_conv(6, (3, 3)), (2, 2, 5, 5, 4)),
-    "conv3d_strides": (*_conv(5, (2, 2, 2), strides=(1, 2, 1)), (2, 4, 5, 3, 2)),
-    "embed": ((lambda: nn.Embed(11, 4, embedding_init=cheap_init)),
-              (lambda cfg: QEmbed(11, 4, config=cfg, embedding_init=cheap_init)), (2, 5)),
+  "dense": (*_dense(5), (3, 7)),
+  "dense_3d_input_no_bias": (*_dense(5, use_bias=False), (2, 3, 7)),
+  "dense_general_two_axes": (*_dg((2, 3), axis=(1, 2)), (2, 3, 4, 5)),
+  "dense_general_unsorted_axes": (*_dg((2, 3), axis=(-1, 1)), (2, 3, 4, 5)),
+  "dense_general_last": (*_dg(4), (3, 6)),
+  "conv1d": (*_conv(6, (3,)), (2, 9, 4)),
+  "conv1d_unbatched": (*_conv(6, 3), (9, 4)),
+  "conv1d_causal_kernel_dilation": (
+    *_conv(6, (3,), padding="CAUSAL", kernel_dilation=2),
+    (2, 9, 4),
+  ),
+  "conv2d_same_stride2": (*_conv(6, (3, 3), strides=2), (2, 7, 6, 4)),
+  "conv2d_valid": (*_conv(6, (3, 2), padding="VALID"), (2, 7, 6, 4)),
+  "conv2d_explicit_input_dilation": (
+    *_conv(6, (3, 3), padding=((1, 1), (0, 2)), input_dilation=2),
+    (2, 5, 4, 4),
+  ),
+  "conv2d_int_padding": (*_conv(6, (3, 3), padding=1), (2, 7, 6, 4)),
+  "conv2d_circular_kernel_dilation": (
+    *_conv(6, (3, 3), padding="CIRCULAR", kernel_dilation=(1, 2)),
+    (2, 7, 6, 4),
+  ),
+  "conv2d_grouped": (*_conv(6, (3, 3), feature_group_count=2), (2, 7, 6, 4)),
+  "conv2d_depthwise": (*_conv(8, (3, 3), feature_group_count=4), (2, 7, 6, 4)),
+  "conv2d_two_batch_dims": (*_conv(6, (3, 3)), (2, 2, 5, 5, 4)),
+  "conv3d_strides": (*_conv(5, (2, 2, 2), strides=(1, 2, 1)), (2, 4, 5, 3, 2)),
+  "embed": (
+    (lambda: nn.Embed(11, 4, embedding_init=cheap_init)),
+    (lambda cfg: QEmbed(11, 4, config=cfg, embedding_init=cheap_init)),
+    (2, 5),
+  ),
 }
 
 # The un-jitted variant runs on these (one of each layer kind).
@@ -126,8 +137,11 @@ def _check_tree_and_init(layer, fvars, qvars):
       assert float(stats["input_min"]) == float(stats["input_max"]) == 0.0, name
 
 
-CASES = [(layer, v) for layer in sorted(LAYERS)
-         for v in (["with_jit", "without_jit"] if layer in EAGER_LAYERS else ["with_jit"])]
+CASES = [
+  (layer, v)
+  for layer in sorted(LAYERS)
+  for v in (["with_jit", "without_jit"] if layer in EAGER_LAYERS else ["with_jit"])
+]
 
 
 @pytest.mark.parametrize("layer,variant_name", CASES)
@@ -149,9 +163,11 @@ def test_matches_flax_tree_checkpoint_and_disabled_output(layer, variant_name):
       # The checkpoint's params replace the Q layer's, unchanged; quantizer state from init.
       v = {**qvars[name], "params": {**qvars[name]["params"], **ckpt["params"]}}
       off = qatjax.set_quant_flags(v, enabled=False)
-      out[name] = (q.apply(off, x),
-                   q.apply(off, x, mutable=["quant_stats"])[0],  # observers update meanwhile
-                   q.apply(v, x, mutable=["quant_stats"])[0])   # enabled
+      out[name] = (
+        q.apply(off, x),
+        q.apply(off, x, mutable=["quant_stats"])[0],  # observers update meanwhile
+        q.apply(v, x, mutable=["quant_stats"])[0],
+      )  # enabled
     return fvars, qvars, out
 
   fvars, qvars, out = VARIANTS[variant_name](run)(ckpt, x)
@@ -166,8 +182,7 @@ def test_matches_flax_tree_checkpoint_and_disabled_output(layer, variant_name):
     np.testing.assert_array_equal(y_train, y_flax, err_msg=name)
     # Enabled, the layer does quantize (otherwise the equalities above would prove nothing).
     assert not np.array_equal(y_on, y_flax), name
-    np.testing.assert_allclose(y_on, y_flax, atol=0.5 * float(jnp.abs(y_flax).max()),
-                               err_msg=name)
+    np.testing.assert_allclose(y_on, y_flax, atol=0.5 * float(jnp.abs(y_flax).max()), err_msg=name)
 
 
 def test_observer_params_tree_is_exactly_the_float_checkpoint():

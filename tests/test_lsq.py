@@ -71,8 +71,9 @@ def lsq_vjp(variant, **kw):
 def test_hand_derived_unsigned(variant):
   # s = 0.5, z = 0, [0, 255]; v = x / s = -600, -2, 0.6, 4, 600.
   x = jnp.array([-300.0, -1.0, 0.3, 2.0, 300.0])
-  y, dx, ds, dz = lsq_vjp(variant, qmin=0, qmax=255)(x, jnp.float32(0.5), jnp.float32(0.0),
-                                                     jnp.ones(5))
+  y, dx, ds, dz = lsq_vjp(variant, qmin=0, qmax=255)(
+    x, jnp.float32(0.5), jnp.float32(0.0), jnp.ones(5)
+  )
   np.testing.assert_allclose(y, [0.0, 0.0, 0.5, 2.0, 127.5])
   np.testing.assert_array_equal(dx, [0, 0, 1, 1, 0])
   # ds: below -> qmin - z = 0; 0.6 -> round - v = 0.4; 4 -> 0; above -> qmax - z = 255.
@@ -130,8 +131,9 @@ def test_per_tensor_matches_numpy(variant, qmin, qmax, zmax):
   assert 0 < (rdx != 0).sum() < x.size
 
 
-@pytest.mark.parametrize("shape,axis", [((6, 6), 0), ((6, 6), 1), ((4, 4, 4), -1),
-                                        ((3, 3, 3, 3), 1)])
+@pytest.mark.parametrize(
+  "shape,axis", [((6, 6), 0), ((6, 6), 1), ((4, 4, 4), -1), ((3, 3, 3, 3), 1)]
+)
 def test_per_channel_matches_numpy(variant, shape, axis):
   rng = np.random.default_rng(sum(shape) + axis)
   x = rng.normal(0, 2, shape).astype(np.float32)
@@ -150,11 +152,14 @@ def test_per_channel_matches_numpy(variant, shape, axis):
     np.testing.assert_allclose(dz[i], rdz.sum(), rtol=2e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,axis,group_size,layout", [
-    ((6, 12), 1, 5, "full"),     # 3 groups, last of 2
+@pytest.mark.parametrize(
+  "shape,axis,group_size,layout",
+  [
+    ((6, 12), 1, 5, "full"),  # 3 groups, last of 2
     ((6, 12), -1, 4, "vector"),  # divides: 3 groups
-    ((7, 4), 0, 3, "ones"),      # along axis 0, params (3, 1), last group of 1
-])
+    ((7, 4), 0, 3, "ones"),  # along axis 0, params (3, 1), last group of 1
+  ],
+)
 def test_per_group_matches_numpy(variant, shape, axis, group_size, layout):
   rng = np.random.default_rng(group_size * 10 + len(layout))
   x = rng.normal(0, 2, shape).astype(np.float32)
@@ -167,8 +172,7 @@ def test_per_group_matches_numpy(variant, shape, axis, group_size, layout):
   s = rng.uniform(0.05, 0.5, pshape).astype(np.float32)
   z = rng.integers(-5, 6, pshape).astype(np.float32)
   ps, pz = (s.reshape(n), z.reshape(n)) if layout == "vector" else (s, z)
-  y, dx, ds, dz = lsq_vjp(variant, qmin=-8, qmax=7, axis=axis, group_size=group_size)(
-      x, ps, pz, dy)
+  y, dx, ds, dz = lsq_vjp(variant, qmin=-8, qmax=7, axis=axis, group_size=group_size)(x, ps, pz, dy)
   assert ds.shape == ps.shape and dz.shape == pz.shape
   sb, zb = np.broadcast_to(s, full), np.broadcast_to(z, full)
   rds_full, rdz_full = np.zeros(full), np.zeros(full)
@@ -250,8 +254,9 @@ def test_stochastic_rounding_matches_fake_quant_and_grad(variant):
 
 def test_nan_and_inf_gradients(variant):
   x = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.3])
-  y, dx, ds, dz = lsq_vjp(variant, qmin=-8, qmax=7)(x, jnp.float32(1.0), jnp.float32(1.0),
-                                                    jnp.ones(4))
+  y, dx, ds, dz = lsq_vjp(variant, qmin=-8, qmax=7)(
+    x, jnp.float32(1.0), jnp.float32(1.0), jnp.ones(4)
+  )
   assert np.isnan(y[0])
   np.testing.assert_array_equal(y[1:], [6.0, -9.0, 0.0])
   np.testing.assert_array_equal(dx, [0, 0, 0, 1])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatjax import (EPS, dequantize, fake_quant, int_dtype, qrange, quantize, scale_zero_point)
+from qatjax import EPS, dequantize, fake_quant, int_dtype, qrange, quantize, scale_zero_point
 from qatjax.calibration import ema_minmax
 
 VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
@@ -116,7 +116,7 @@ def test_per_channel_vectors_and_zero_exactly_representable(variant):
   hi[:4] = [0.0, 0.9, 1e-9, -1.0]
   for qmin, qmax in [(0, 255), (-128, 127), (-8, 7), (0, 3), (-127, 127)]:
     for sym in (True, False):
-      f = variant(lambda lo, hi: scale_zero_point(lo, hi, qmin, qmax, symmetric=sym))
+      f = variant(functools.partial(scale_zero_point, qmin=qmin, qmax=qmax, symmetric=sym))
       s, z = f(lo, hi)
       assert s.shape == (64,) and z.shape == (64,)
       assert np.all(np.asarray(s) > 0)
@@ -142,12 +142,23 @@ def test_scale_zero_point_errors():
 # --- quantize / dequantize ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qmin,qmax,dtype", [
-    (-128, 127, jnp.int8), (-127, 127, jnp.int8), (-8, 7, jnp.int8), (0, 127, jnp.int8),
+@pytest.mark.parametrize(
+  "qmin,qmax,dtype",
+  [
+    (-128, 127, jnp.int8),
+    (-127, 127, jnp.int8),
+    (-8, 7, jnp.int8),
+    (0, 127, jnp.int8),
     (0, 15, jnp.int8),
-    (0, 255, jnp.uint8), (0, 254, jnp.uint8), (1, 255, jnp.uint8), (128, 255, jnp.uint8),
-    (-129, 127, jnp.int32), (0, 256, jnp.int32), (-1, 255, jnp.int32),
-])
+    (0, 255, jnp.uint8),
+    (0, 254, jnp.uint8),
+    (1, 255, jnp.uint8),
+    (128, 255, jnp.uint8),
+    (-129, 127, jnp.int32),
+    (0, 256, jnp.int32),
+    (-1, 255, jnp.int32),
+  ],
+)
 def test_int_dtype(qmin, qmax, dtype):
   assert int_dtype(qmin, qmax) == dtype
 
@@ -170,10 +181,10 @@ def test_quantize_dtypes_and_values(variant):
 
 def test_quantize_int_extremes_do_not_wrap(variant):
   x = jnp.array([1e9, -1e9, jnp.inf, -jnp.inf])
-  np.testing.assert_array_equal(variant(lambda x: quantize(x, 1.0, 0, -128, 127))(x),
-                                [127, -128, 127, -128])
-  np.testing.assert_array_equal(variant(lambda x: quantize(x, 1.0, 0, 0, 255))(x),
-                                [255, 0, 255, 0])
+  np.testing.assert_array_equal(
+    variant(lambda x: quantize(x, 1.0, 0, -128, 127))(x), [127, -128, 127, -128]
+  )
+  np.testing.assert_array_equal(variant(lambda x: quantize(x, 1.0, 0, 0, 255))(x), [255, 0, 255, 0])
 
 
 def test_dequantize_values_and_inverse(variant):
@@ -189,10 +200,16 @@ def test_dequantize_values_and_inverse(variant):
   np.testing.assert_array_equal(dequantize(q, 0.5), np.arange(-128, 128) * 0.5)  # z=None
 
 
-@pytest.mark.parametrize("kw,pshape", [
-    (dict(), ()), (dict(axis=0), (6,)), (dict(axis=-1), (10,)),
-    (dict(axis=1, group_size=4), (6, 3)), (dict(axis=1, group_size=3), (4,)),
-])
+@pytest.mark.parametrize(
+  "kw,pshape",
+  [
+    (dict(), ()),
+    (dict(axis=0), (6,)),
+    (dict(axis=-1), (10,)),
+    (dict(axis=1, group_size=4), (6, 3)),
+    (dict(axis=1, group_size=3), (4,)),
+  ],
+)
 def test_dequantize_of_quantize_is_fake_quant(variant, kw, pshape):
   rng = np.random.default_rng(len(pshape) + sum(pshape))
   x = rng.normal(0, 2, (6, 10)).astype(np.float32)
@@ -242,14 +259,19 @@ def test_quantize_dequantize_errors():
 
 # --- property: dequantize(quantize(x)) == fake_quant(x) exactly -----------------------------------
 
-RANGES = [qrange(b, signed=sg, narrow=n) for b in (2, 3, 8) for sg in (True, False)
-          for n in (False, True)]
+RANGES = [
+  qrange(b, signed=sg, narrow=n) for b in (2, 3, 8) for sg in (True, False) for n in (False, True)
+]
 
 
 @functools.lru_cache(maxsize=None)
 def _roundtrip(qmin, qmax):
-  return jax.jit(lambda x, s, z: (dequantize(quantize(x, s, z, qmin, qmax), s, z),
-                                  fake_quant(x, s, z, qmin, qmax)))
+  return jax.jit(
+    lambda x, s, z: (
+      dequantize(quantize(x, s, z, qmin, qmax), s, z),
+      fake_quant(x, s, z, qmin, qmax),
+    )
+  )
 
 
 @settings(max_examples=50, deadline=None)
@@ -258,8 +280,9 @@ def test_property_dequantize_quantize_equals_fake_quant(rng, data):
   qmin, qmax = rng
   z = np.float32(data.draw(st.integers(qmin, qmax)))
   s = np.float32(data.draw(st.floats(2.0**-12, 16.0, width=32)))
-  vals = data.draw(st.lists(st.floats(-1e4, 1e4, width=32, allow_subnormal=False),
-                            min_size=16, max_size=16))
+  vals = data.draw(
+    st.lists(st.floats(-1e4, 1e4, width=32, allow_subnormal=False), min_size=16, max_size=16)
+  )
   x = np.asarray(vals, np.float32)
   d, y = _roundtrip(qmin, qmax)(x, s, z)
   np.testing.assert_array_equal(d, y)

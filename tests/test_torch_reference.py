@@ -80,8 +80,9 @@ def test_per_channel_fake_quant(shape, axis, qmin, qmax):
   x = no_ties(data(c, shape, 0.6 * float(s.mean()) * (qmax - qmin)), s, axis)
   dy = data(2, shape, 1.0)
   tx = torch.tensor(x, requires_grad=True)
-  ty = torch.fake_quantize_per_channel_affine(tx, torch.tensor(s), torch.tensor(z), axis, qmin,
-                                              qmax)
+  ty = torch.fake_quantize_per_channel_affine(
+    tx, torch.tensor(s), torch.tensor(z), axis, qmin, qmax
+  )
   ty.backward(torch.tensor(dy))
 
   def f(x, dy):
@@ -97,8 +98,9 @@ def _sum_tol(n):
   return 1e-5 * np.sqrt(n) + 1e-5
 
 
-@pytest.mark.parametrize("qmin,qmax,z,learn_zp", [(*r, True) for r in RANGES] +
-                         [(*r, False) for r in RANGES if r[2] == 0])  # None means z = 0
+@pytest.mark.parametrize(
+  "qmin,qmax,z,learn_zp", [(*r, True) for r in RANGES] + [(*r, False) for r in RANGES if r[2] == 0]
+)  # None means z = 0
 def test_lsq_per_tensor(qmin, qmax, z, learn_zp):
   shape = (32, 24)
   s = np.float32(0.041)
@@ -145,8 +147,9 @@ def test_lsq_per_channel(shape, axis, qmin, qmax):
   ty.backward(torch.tensor(dy))
 
   def f(x, s, z, dy):
-    y, vjp = jax.vjp(lambda x, s, z: lsq_fake_quant(x, s, z, qmin, qmax, axis=axis,
-                                                    grad_scale=gf), x, s, z)
+    y, vjp = jax.vjp(
+      lambda x, s, z: lsq_fake_quant(x, s, z, qmin, qmax, axis=axis, grad_scale=gf), x, s, z
+    )
     return (y, *vjp(dy))
 
   y, dx, ds, dz = jax.jit(f)(x, s, z, dy)

@@ -9,8 +9,14 @@ import optax
 import pytest
 
 from qatjax import QConvBN, QDense, QuantConfig
-from qatjax.training import (create_train_state, fit, make_optimizer, make_train_step,
-                             restore_checkpoint, save_checkpoint)
+from qatjax.training import (
+  create_train_state,
+  fit,
+  make_optimizer,
+  make_train_step,
+  restore_checkpoint,
+  save_checkpoint,
+)
 
 
 class Net(nn.Module):
@@ -34,9 +40,9 @@ def fresh(seed=0, model=None):
 
 
 def train(state, steps):
-  for i in range(steps):
+  for _ in range(steps):
     j = int(state.step) % 4
-    state, _ = STEP(state, (X[8 * j:8 * j + 8], Y[8 * j:8 * j + 8]))
+    state, _ = STEP(state, (X[8 * j : 8 * j + 8], Y[8 * j : 8 * j + 8]))
   return state
 
 
@@ -48,8 +54,9 @@ def assert_bitwise(a, b):
 
 
 def listing(d):
-  return sorted((root, tuple(sorted(files)), os.path.getmtime(root))
-                for root, _, files in os.walk(d))
+  return sorted(
+    (root, tuple(sorted(files)), os.path.getmtime(root)) for root, _, files in os.walk(d)
+  )
 
 
 def test_round_trip_bitwise_and_resume(tmp_path):
@@ -88,13 +95,16 @@ def test_bad_directories_raise_and_write_nothing(tmp_path):
   save_checkpoint(tmp_path / "a", state)
   before = listing(tmp_path)
   other = fresh(model=Net(features=5))  # another model's tree
-  with pytest.raises(ValueError, match=r"/a holds a different.*params/QDense_0/bias has shape "
-                                       r"\(3,\) in checkpoint step 0 but \(5,\) in the target"):
+  with pytest.raises(
+    ValueError,
+    match=r"/a holds a different.*params/QDense_0/bias has shape "
+    r"\(3,\) in checkpoint step 0 but \(5,\) in the target",
+  ):
     restore_checkpoint(tmp_path / "a", other)
   with pytest.raises(ValueError, match="params/QDense_0/bias"):
     save_checkpoint(tmp_path / "a", other.replace(step=other.step + 1))
   float_state = create_train_state(nn.Dense(3), TX, 0, X[:1].reshape(1, -1))
-  with pytest.raises(ValueError, match="different state tree.*params/bias is missing"):
+  with pytest.raises(ValueError, match=r"different state tree.*params/bias is missing"):
     restore_checkpoint(tmp_path / "a", float_state)
   with pytest.raises(ValueError, match="already holds step 0"):
     save_checkpoint(tmp_path / "a", state)
@@ -103,6 +113,6 @@ def test_bad_directories_raise_and_write_nothing(tmp_path):
   with pytest.raises(ValueError, match="holds no checkpoint"):
     restore_checkpoint(tmp_path, state)
   assert listing(tmp_path) == before
+  (tmp_path / "f").write_text("x")
   with pytest.raises(ValueError, match="is a file"):
-    (tmp_path / "f").write_text("x")
     save_checkpoint(tmp_path / "f", state)

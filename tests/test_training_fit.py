@@ -5,18 +5,26 @@ import jax
 import numpy as np
 import optax
 import pytest
+from image_data import load_digits
 
 from qatjax import QConvBN, QDense, QuantConfig
-from image_data import load_digits
-from qatjax.training import (QATSchedule, create_train_state, cross_entropy, evaluate, fit,
-                             make_eval_step, make_train_step)
+from qatjax.training import (
+  QATSchedule,
+  create_train_state,
+  cross_entropy,
+  evaluate,
+  fit,
+  make_eval_step,
+  make_train_step,
+)
 
 
 class DigitsNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(QConvBN(8, (3, 3), strides=2, config=QuantConfig())(
-        x, use_running_average=not train))
+    x = nn.relu(
+      QConvBN(8, (3, 3), strides=2, config=QuantConfig())(x, use_running_average=not train)
+    )
     x = nn.relu(QDense(32, config=QuantConfig(method="lsq"))(x.reshape(x.shape[0], -1)))
     return QDense(10, config=QuantConfig())(x)
 
@@ -25,15 +33,26 @@ def test_fit_digits_reports_metrics_and_writes_plots(tmp_path, capsys):
   d = load_digits()
   x_tr, y_tr, x_te, y_te = d.x_train[:512], d.y_train[:512], d.x_test[:200], d.y_test[:200]
   state = create_train_state(DigitsNet(), optax.adam(3e-3), jax.random.key(0), x_tr[:1])
-  train_step = make_train_step(schedule=QATSchedule(float_steps=8, freeze_bn_step=40),
-                               apply_kwargs={"train": True})
+  train_step = make_train_step(
+    schedule=QATSchedule(float_steps=8, freeze_bn_step=40), apply_kwargs={"train": True}
+  )
   eval_step = make_eval_step(apply_kwargs={"train": False})
-  state, hist = fit(state, (x_tr, y_tr), epochs=4, batch_size=64, train_step=train_step,
-                    eval_step=eval_step, eval_data=(x_te, y_te), rng=jax.random.key(1),
-                    progress=True, plot_dir=str(tmp_path / "plots"))
+  state, hist = fit(
+    state,
+    (x_tr, y_tr),
+    epochs=4,
+    batch_size=64,
+    train_step=train_step,
+    eval_step=eval_step,
+    eval_data=(x_te, y_te),
+    rng=jax.random.key(1),
+    progress=True,
+    plot_dir=str(tmp_path / "plots"),
+  )
   assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and int(state.step) == 32
-  assert {"train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "seconds",
-          "step"} <= set(hist[0])
+  assert {"train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "seconds", "step"} <= set(
+    hist[0]
+  )
   assert hist[-1]["train_loss"] < hist[0]["train_loss"]
   assert hist[-1]["eval_accuracy"] > 0.5
   ev = evaluate(state, (x_te, y_te), batch_size=64, eval_step=eval_step)
@@ -72,8 +91,15 @@ def test_drops_last_batch_compiles_once_and_shuffles():
     return step(state, batch)
 
   state = create_train_state(Tiny(), optax.sgd(0.1), 0, x[:1])
-  state, hist = fit(state, (x, y), epochs=2, batch_size=16, train_step=recording_step,
-                    rng=jax.random.key(0), progress=False)
+  state, hist = fit(
+    state,
+    (x, y),
+    epochs=2,
+    batch_size=16,
+    train_step=recording_step,
+    rng=jax.random.key(0),
+    progress=False,
+  )
   assert len(calls) == 1 and int(state.step) == 6 and len(hist) == 2
   assert all(len(b) == 16 for b in seen)
   first, second = np.concatenate(seen[:3]), np.concatenate(seen[3:])
@@ -83,17 +109,26 @@ def test_drops_last_batch_compiles_once_and_shuffles():
 
 def test_iterables_of_batches():
   x, y = tiny_data(48)
-  batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)] + [(x[:5], y[:5])]
+  batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)] + [(x[:5], y[:5])]
   step = make_train_step()
   state = create_train_state(Tiny(), optax.sgd(0.1), 0, x[:1])
-  state, hist = fit(state, batches, epochs=2, batch_size=16, train_step=step, rng=None,
-                    progress=False)
+  state, hist = fit(
+    state, batches, epochs=2, batch_size=16, train_step=step, rng=None, progress=False
+  )
   assert int(state.step) == 6 and len(hist) == 2  # a list is reused; the short batch dropped
-  state, _ = fit(state, lambda epoch: iter(batches), epochs=1, batch_size=16, train_step=step,
-                 rng=None, progress=False)
+  state, _ = fit(
+    state,
+    lambda epoch: iter(batches),
+    epochs=1,
+    batch_size=16,
+    train_step=step,
+    rng=None,
+    progress=False,
+  )
   assert int(state.step) == 9
-  state, _ = fit(state, iter(batches), epochs=1, batch_size=16, train_step=step, rng=None,
-                 progress=False)
+  state, _ = fit(
+    state, iter(batches), epochs=1, batch_size=16, train_step=step, rng=None, progress=False
+  )
   assert int(state.step) == 12
   with pytest.raises(ValueError, match="one-shot iterator"):
     fit(state, iter(batches), epochs=2, batch_size=16, train_step=step, rng=None)

@@ -20,17 +20,22 @@ class Net(nn.Module):
 
 
 def leaves(tree):
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def test_labels():
   x = np.ones((2, 4), np.float32)
   params = jax.eval_shape(Net().init, jax.random.key(0), x)["params"]
   labels = quant_param_labels(params)
-  assert labels["QDense_0"] == {"bias": "weights", "input_scale": "quant",
-                                "input_zero_point": "quant", "kernel": "weights",
-                                "kernel_scale": "quant"}
+  assert labels["QDense_0"] == {
+    "bias": "weights",
+    "input_scale": "quant",
+    "input_zero_point": "quant",
+    "kernel": "weights",
+    "kernel_scale": "quant",
+  }
   assert labels["QDense_1"]["input_alpha"] == "quant"
 
 

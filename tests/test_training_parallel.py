@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import os, tempfile
     import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
     from qatjax import QConvBN, QDense, QuantConfig
@@ -84,12 +84,12 @@ SCRIPT = textwrap.dedent('''
     for a, b in zip(jax.tree_util.tree_leaves(r), jax.tree_util.tree_leaves(s4)):
       assert np.array_equal(a, b) and a.sharding.is_fully_replicated
     print("PARALLEL-OK")
-''')
+""")
 
 
 def test_four_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                        timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0 and "PARALLEL-OK" in proc.stdout, proc.stdout + proc.stderr[-5000:]

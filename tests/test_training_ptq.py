@@ -28,8 +28,9 @@ def setup():
 
 def same(a, b):
   la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-          and all(np.array_equal(u, v) and u.dtype == v.dtype for u, v in zip(la, lb)))
+  return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
+    np.array_equal(u, v) and u.dtype == v.dtype for u, v in zip(la, lb)
+  )
 
 
 def test_calibrate_model_and_state():
@@ -46,18 +47,23 @@ def test_calibrate_model_and_state():
   cal = calibrate(state, [x[:8], (x[8:16], y[8:16])])  # arrays or (x, y) tuples
   assert same(cal.params, state.params) and same(cal.opt_state, state.opt_state)
   assert int(cal.step) == 0
-  assert int(cal.quant_stats["layers_0"]["input_count"]) == \
-      int(state.quant_stats["layers_0"]["input_count"]) + 2
+  assert (
+    int(cal.quant_stats["layers_0"]["input_count"])
+    == int(state.quant_stats["layers_0"]["input_count"]) + 2
+  )
 
 
 def test_calibrate_keeps_observe_flag():
   from qatjax import set_quant_flags
+
   x, _, qvars = setup()
   qvars = set_quant_flags(qvars, observe=False)
   out = calibrate(QMODEL, [x[:8]], variables=qvars)
   assert not bool(out["quant_stats"]["layers_0"]["observe"])
-  assert int(out["quant_stats"]["layers_0"]["input_count"]) == \
-      int(qvars["quant_stats"]["layers_0"]["input_count"]) + 1
+  assert (
+    int(out["quant_stats"]["layers_0"]["input_count"])
+    == int(qvars["quant_stats"]["layers_0"]["input_count"]) + 1
+  )
 
 
 def test_ptq_versus_qat_is_one_switch():

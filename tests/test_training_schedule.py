@@ -15,8 +15,11 @@ N, M, K = 2, 4, 5  # float_steps, freeze_observers_step, freeze_bn_step
 class ConvNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(QConvBN(4, (3, 3), config=QuantConfig(act_bits=4, weight_bits=4))(
-        x, use_running_average=not train))
+    x = nn.relu(
+      QConvBN(4, (3, 3), config=QuantConfig(act_bits=4, weight_bits=4))(
+        x, use_running_average=not train
+      )
+    )
     return QDense(3, config=QuantConfig(act_bits=4, weight_bits=4))(x.reshape(x.shape[0], -1))
 
 
@@ -29,14 +32,22 @@ def _reference(variables, x, y, enabled, observe, bn_frozen):
 
 def reference_loss(state, batch, **flags):
   """The loss of a forward pass with the given flags, as the train step should compute it."""
-  return float(_reference(state.variables, *batch, *(np.bool_(flags[k]) for k in
-                                                    ("enabled", "observe", "bn_frozen"))))
+  return float(
+    _reference(
+      state.variables, *batch, *(np.bool_(flags[k]) for k in ("enabled", "observe", "bn_frozen"))
+    )
+  )
 
 
 def test_phases_switch_at_the_right_steps_with_one_compilation():
   rng = np.random.default_rng(0)
-  batches = [(rng.normal(size=(8, 5, 5, 1)).astype(np.float32) * (1 + i),
-              rng.integers(0, 3, 8).astype(np.int32)) for i in range(7)]
+  batches = [
+    (
+      rng.normal(size=(8, 5, 5, 1)).astype(np.float32) * (1 + i),
+      rng.integers(0, 3, 8).astype(np.int32),
+    )
+    for i in range(7)
+  ]
   calls = []
 
   def loss(out, y):
@@ -60,8 +71,9 @@ def test_phases_switch_at_the_right_steps_with_one_compilation():
       moved = not np.array_equal(qs["input_max"], qs_old["input_max"])
       assert moved == observe, (s, layer, "observer")
     assert bool(new.quant_stats["QConvBN_0"]["bn_frozen"]) == frozen
-    bn_moved = not np.array_equal(new.batch_stats["QConvBN_0"]["var"],
-                                  state.batch_stats["QConvBN_0"]["var"])
+    bn_moved = not np.array_equal(
+      new.batch_stats["QConvBN_0"]["var"], state.batch_stats["QConvBN_0"]["var"]
+    )
     assert bn_moved == (not frozen), (s, "bn")
     state = new
   assert len(calls) == 1 and step.jitted._cache_size() == 1
@@ -76,8 +88,9 @@ def test_flags_and_none_leaves_state_flags():
   assert bool(out["quant_stats"]["enabled"]) and not bool(out["quant_stats"]["observe"])
 
 
-@pytest.mark.parametrize("kw", [{"float_steps": -1}, {"freeze_observers_step": 1.5},
-                                {"freeze_bn_step": True}])
+@pytest.mark.parametrize(
+  "kw", [{"float_steps": -1}, {"freeze_observers_step": 1.5}, {"freeze_bn_step": True}]
+)
 def test_bad_schedule(kw):
   with pytest.raises(ValueError, match="QATSchedule"):
     QATSchedule(**kw)

@@ -8,8 +8,13 @@ import optax
 import pytest
 
 from qatjax import QConvBN, QDense, QuantConfig, from_float, quantize_model
-from qatjax.training import (TrainState, create_train_state, cross_entropy, make_eval_step,
-                             make_train_step)
+from qatjax.training import (
+  TrainState,
+  create_train_state,
+  cross_entropy,
+  make_eval_step,
+  make_train_step,
+)
 
 
 class MLP(nn.Module):
@@ -38,6 +43,7 @@ def counting(calls):
   def loss(logits, labels):
     calls.append(1)  # runs only while tracing
     return cross_entropy(logits, labels)
+
   return loss
 
 
@@ -58,11 +64,15 @@ def test_create_train_state_from_float_variables():
   qmodel = quantize_model(float_model, QuantConfig(method="lsq"))
   qvars = from_float(qmodel, fvars, x)
   s = create_train_state(qmodel, optax.sgd(0.1), None, x, variables=qvars)
-  np.testing.assert_array_equal(s.params["layers_0"]["kernel"],
-                                fvars["params"]["layers_0"]["kernel"])
+  np.testing.assert_array_equal(
+    s.params["layers_0"]["kernel"], fvars["params"]["layers_0"]["kernel"]
+  )
   assert "kernel_scale" in s.params["layers_0"]
-  with pytest.raises(ValueError, match=r"params/layers_0/kernel has shape \(5, 8\) in the given "
-                                       r"variables but \(3, 8\) in the model"):
+  with pytest.raises(
+    ValueError,
+    match=r"params/layers_0/kernel has shape \(5, 8\) in the given "
+    r"variables but \(3, 8\) in the model",
+  ):
     create_train_state(qmodel, optax.sgd(0.1), None, x[:, :3], variables=qvars)
   with pytest.raises(ValueError, match="'params'"):
     create_train_state(qmodel, optax.sgd(0.1), None, x, variables={"quant_stats": {}})
@@ -114,7 +124,7 @@ def test_eval_mask_ignores_padding():
 def test_float_model_and_custom_loss():
   x, y = data()
   s = create_train_state(MLP(config=None), optax.sgd(0.1), 0, x[:1])
-  mse = lambda out, t: jnp.mean((out[:, 0] - t) ** 2)  # noqa: E731  scalar loss, float labels
+  mse = lambda out, t: jnp.mean((out[:, 0] - t) ** 2)
   s, m = make_train_step(loss_fn=mse)(s, (x, y.astype(np.float32)))
   assert sorted(m) == ["loss"] and int(s.step) == 1
 

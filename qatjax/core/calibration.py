@@ -12,7 +12,8 @@ Each calibrator is a pair of pure functions in the style of optax::
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,9 @@ class Calibrator(NamedTuple):
 
 
 def _init(shape=()) -> RangeState:
-  return RangeState(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
-                    jnp.zeros((), jnp.int32))
+  return RangeState(
+    jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.int32)
+  )
 
 
 def _axes(x, axis):
@@ -61,8 +63,16 @@ def batch_percentile(x, lower: float = 0.01, upper: float = 99.99, axis=None):
   return (jnp.nanpercentile(x, lower, axis=axes), jnp.nanpercentile(x, upper, axis=axes))
 
 
-def batch_mse_range(x, qmin: int, qmax: int, *, symmetric: bool, axis=None,
-                    num_candidates: int = 64, min_ratio: float = 0.2):
+def batch_mse_range(
+  x,
+  qmin: int,
+  qmax: int,
+  *,
+  symmetric: bool,
+  axis=None,
+  num_candidates: int = 64,
+  min_ratio: float = 0.2,
+):
   """The clipping range, among shrunken copies of the min/max range, that minimises MSE.
 
   Candidates are ``ratio * [min, max]`` for ``num_candidates`` ratios evenly spaced in
@@ -90,8 +100,11 @@ def _accumulate(batch_range: Callable, combine: Callable) -> Calibrator:
     lo, hi = batch_range(x)
     first = state.count == 0
     new_lo, new_hi = combine(state, lo, hi)
-    return RangeState(jnp.where(first, lo, new_lo).astype(jnp.float32),
-                      jnp.where(first, hi, new_hi).astype(jnp.float32), state.count + 1)
+    return RangeState(
+      jnp.where(first, lo, new_lo).astype(jnp.float32),
+      jnp.where(first, hi, new_hi).astype(jnp.float32),
+      state.count + 1,
+    )
 
   return Calibrator(_init, update)
 
@@ -105,8 +118,10 @@ def minmax(axis: int | None = None) -> Calibrator:
     >>> float(s.min), float(s.max)
     (-1.0, 3.0)
   """
-  return _accumulate(lambda x: batch_minmax(x, axis),
-                     lambda s, lo, hi: (jnp.minimum(s.min, lo), jnp.maximum(s.max, hi)))
+  return _accumulate(
+    lambda x: batch_minmax(x, axis),
+    lambda s, lo, hi: (jnp.minimum(s.min, lo), jnp.maximum(s.max, hi)),
+  )
 
 
 def _ema(momentum):
@@ -130,8 +145,9 @@ def ema_minmax(momentum: float = 0.01, axis: int | None = None) -> Calibrator:
   return _accumulate(lambda x: batch_minmax(x, axis), _ema(momentum))
 
 
-def percentile(lower: float = 0.01, upper: float = 99.99, momentum: float = 0.1,
-               axis: int | None = None) -> Calibrator:
+def percentile(
+  lower: float = 0.01, upper: float = 99.99, momentum: float = 0.1, axis: int | None = None
+) -> Calibrator:
   """EMA of per-batch percentiles: clips rare outliers that min/max would keep.
 
   Example:
@@ -145,8 +161,15 @@ def percentile(lower: float = 0.01, upper: float = 99.99, momentum: float = 0.1,
   return _accumulate(lambda x: batch_percentile(x, lower, upper, axis), _ema(momentum))
 
 
-def mse(qmin: int, qmax: int, *, symmetric: bool, momentum: float = 0.1,
-        axis: int | None = None, num_candidates: int = 64) -> Calibrator:
+def mse(
+  qmin: int,
+  qmax: int,
+  *,
+  symmetric: bool,
+  momentum: float = 0.1,
+  axis: int | None = None,
+  num_candidates: int = 64,
+) -> Calibrator:
   """EMA of the per-batch MSE-optimal clipping range (see :func:`batch_mse_range`).
 
   Example:
@@ -157,8 +180,11 @@ def mse(qmin: int, qmax: int, *, symmetric: bool, momentum: float = 0.1,
   """
   check_qrange(qmin, qmax)
   return _accumulate(
-      lambda x: batch_mse_range(x, qmin, qmax, symmetric=symmetric, axis=axis,
-                                num_candidates=num_candidates), _ema(momentum))
+    lambda x: batch_mse_range(
+      x, qmin, qmax, symmetric=symmetric, axis=axis, num_candidates=num_candidates
+    ),
+    _ema(momentum),
+  )
 
 
 CALIBRATORS = ("minmax", "ema", "percentile", "mse")

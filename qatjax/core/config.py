@@ -73,11 +73,14 @@ class QuantConfig:
     _check_choice("weight_calibration", self.weight_calibration, WEIGHT_CALIBRATIONS)
     _check_choice("act_calibration", self.act_calibration, cal.CALIBRATORS)
     if (self.weight_granularity == "per_group") != (self.weight_group_size is not None):
-      raise ValueError("weight_group_size must be set exactly when weight_granularity='per_group'"
-                       f", got weight_granularity={self.weight_granularity!r}, "
-                       f"weight_group_size={self.weight_group_size!r}")
-    if self.weight_group_size is not None and (not isinstance(self.weight_group_size, int)
-                                               or self.weight_group_size < 1):
+      raise ValueError(
+        "weight_group_size must be set exactly when weight_granularity='per_group'"
+        f", got weight_granularity={self.weight_granularity!r}, "
+        f"weight_group_size={self.weight_group_size!r}"
+      )
+    if self.weight_group_size is not None and (
+      not isinstance(self.weight_group_size, int) or self.weight_group_size < 1
+    ):
       raise ValueError(f"weight_group_size must be an int >= 1, got {self.weight_group_size!r}")
     if not 0.0 < self.act_momentum <= 1.0:
       raise ValueError(f"act_momentum must be in (0, 1], got {self.act_momentum!r}")
@@ -88,11 +91,15 @@ class QuantConfig:
     if self.pact and not self.pact_init > 0:
       raise ValueError(f"pact_init must be > 0, got {self.pact_init!r}")
     if self.method == "lsq" and self.weight_calibration != "minmax":
-      raise ValueError("weight_calibration applies to method='observer' only, got "
-                       f"weight_calibration={self.weight_calibration!r} with method='lsq'")
+      raise ValueError(
+        "weight_calibration applies to method='observer' only, got "
+        f"weight_calibration={self.weight_calibration!r} with method='lsq'"
+      )
     if self.weight_bits is None and self.act_bits is None:
-      raise ValueError("QuantConfig quantizes nothing (weight_bits=None and act_bits=None); "
-                       "map the layer to None in the rules to keep it float")
+      raise ValueError(
+        "QuantConfig quantizes nothing (weight_bits=None and act_bits=None); "
+        "map the layer to None in the rules to keep it float"
+      )
 
   @property
   def narrow(self) -> bool:
@@ -115,7 +122,6 @@ class QuantConfig:
       return None
     return qrange(self.act_bits, signed=self.act_symmetric)
 
-
   @functools.cached_property
   def weight_quant(self) -> WeightQuant | None:
     """The weights' resolved spec (``None``: float weights).
@@ -127,8 +133,15 @@ class QuantConfig:
     if self.weight_bits is None:
       return None
     qmin, qmax = self.weight_range
-    return WeightQuant(self.weight_bits, qmin, qmax, self.method, self.weight_granularity,
-                       self.weight_group_size, self.weight_calibration)
+    return WeightQuant(
+      self.weight_bits,
+      qmin,
+      qmax,
+      self.method,
+      self.weight_granularity,
+      self.weight_group_size,
+      self.weight_calibration,
+    )
 
   @functools.cached_property
   def act_quant(self) -> ActQuant | None:
@@ -143,8 +156,9 @@ class QuantConfig:
     qmin, qmax = self.act_range
     method = "pact" if self.pact else self.method
     calibrator = _act_calibrator(self, qmin, qmax) if method == "observer" else None
-    return ActQuant(self.act_bits, qmin, qmax, self.act_symmetric, method, calibrator,
-                    self.pact_init)
+    return ActQuant(
+      self.act_bits, qmin, qmax, self.act_symmetric, method, calibrator, self.pact_init
+    )
 
 
 def _check_choice(name, value, allowed):

@@ -29,7 +29,8 @@ def _unbroadcast(g, shape):
     return g
   lead = g.ndim - len(shape)
   axes = tuple(range(lead)) + tuple(
-      lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
+    lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1
+  )
   return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
 
 
@@ -50,8 +51,12 @@ def _fq_ste_bwd(qmin, qmax, stochastic, res, g):
   x, scale, zero_point, noise = res
   q = _round(x * (1.0 / scale), noise, stochastic) + zero_point
   in_range = (q >= qmin) & (q <= qmax)
-  return (jnp.where(in_range, g, jnp.zeros_like(g)), jnp.zeros_like(scale),
-          jnp.zeros_like(zero_point), jnp.zeros_like(noise))
+  return (
+    jnp.where(in_range, g, jnp.zeros_like(g)),
+    jnp.zeros_like(scale),
+    jnp.zeros_like(zero_point),
+    jnp.zeros_like(noise),
+  )
 
 
 _fq_ste.defvjp(_fq_ste_fwd, _fq_ste_bwd)
@@ -79,11 +84,16 @@ def _fq_lsq_bwd(qmin, qmax, stochastic, res, g):
   in_range = (q >= qmin) & (q <= qmax)  # False for NaN: NaN inputs get no gradient at all.
   zero = jnp.zeros_like(g)
   dx = jnp.where(in_range, g, zero)
-  ds = g * jnp.where(below, qmin - zero_point,
-                     jnp.where(above, qmax - zero_point, jnp.where(in_range, r - v, zero)))
+  ds = g * jnp.where(
+    below, qmin - zero_point, jnp.where(above, qmax - zero_point, jnp.where(in_range, r - v, zero))
+  )
   dz = jnp.where(below | above, -g * scale, zero)
-  return (dx, _unbroadcast(ds, scale.shape), _unbroadcast(dz, zero_point.shape),
-          jnp.zeros_like(noise))
+  return (
+    dx,
+    _unbroadcast(ds, scale.shape),
+    _unbroadcast(dz, zero_point.shape),
+    jnp.zeros_like(noise),
+  )
 
 
 _fq_lsq.defvjp(_fq_lsq_fwd, _fq_lsq_bwd)
@@ -152,8 +162,17 @@ def _learned(xc, s, z, noise, qmin, qmax, stochastic, grad_scale, learn_zp):
   return _fq_lsq(xc, s, z, noise, qmin, qmax, stochastic)
 
 
-def broadcast_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, learned: bool = False,
-                         grad_scale=1.0, eps: float = EPS):
+def broadcast_fake_quant(
+  x,
+  scale,
+  zero_point,
+  qmin: int,
+  qmax: int,
+  *,
+  learned: bool = False,
+  grad_scale=1.0,
+  eps: float = EPS,
+):
   """:func:`fake_quant` (or, ``learned=True``, :func:`lsq_fake_quant`) for parameters that already
   broadcast against ``x``, of any shape (e.g. one scale per output element of an N-D kernel).
 
@@ -164,7 +183,7 @@ def broadcast_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, learned:
   xc = x.astype(compute)
   s = clamp_scale(jnp.asarray(scale, jnp.float32), eps).astype(compute)
   learn_zp = zero_point is not None
-  z = (jnp.zeros_like(s) if zero_point is None else jnp.asarray(zero_point, compute))
+  z = jnp.zeros_like(s) if zero_point is None else jnp.asarray(zero_point, compute)
   noise = jnp.zeros((), compute)
   if learned:
     y = _learned(xc, s, z, noise, qmin, qmax, False, grad_scale, learn_zp)
@@ -173,8 +192,18 @@ def broadcast_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, learned:
   return y.astype(x.dtype)
 
 
-def fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None = None,
-               group_size: int | None = None, key=None, eps: float = EPS):
+def fake_quant(
+  x,
+  scale,
+  zero_point,
+  qmin: int,
+  qmax: int,
+  *,
+  axis: int | None = None,
+  group_size: int | None = None,
+  key=None,
+  eps: float = EPS,
+):
   """Quantize-dequantize with a clipped straight-through estimator.
 
   Forward (PyTorch's ``fake_quantize_per_tensor_affine`` / ``_per_channel_affine``)::
@@ -219,13 +248,25 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None =
     >>> fake_quant(x, 0.5, 0, -4, 3)
     Array([-1.5,  0.5,  0.5,  1.5], dtype=float32)
   """
-  dtype, xc, s, z, noise, stochastic = _prepare(x, scale, zero_point, qmin, qmax, axis,
-                                                 group_size, key, eps)
+  dtype, xc, s, z, noise, stochastic = _prepare(
+    x, scale, zero_point, qmin, qmax, axis, group_size, key, eps
+  )
   return _fq_ste(xc, s, z, noise, qmin, qmax, stochastic).astype(dtype)
 
 
-def lsq_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None = None,
-                   group_size: int | None = None, grad_scale=1.0, key=None, eps: float = EPS):
+def lsq_fake_quant(
+  x,
+  scale,
+  zero_point,
+  qmin: int,
+  qmax: int,
+  *,
+  axis: int | None = None,
+  group_size: int | None = None,
+  grad_scale=1.0,
+  key=None,
+  eps: float = EPS,
+):
   """Fake quantization with a learned step size (LSQ) and learned offset (LSQ+).
 
   Esser et al. 2020, "Learned Step Size Quantization" (ICLR); Bhalgat et al. 2020, "LSQ+:
@@ -269,8 +310,9 @@ def lsq_fake_quant(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | No
   learn_zp = zero_point is not None
   if not learn_zp:
     zero_point = jnp.zeros_like(jnp.asarray(scale, jnp.float32))
-  dtype, xc, s, z, noise, stochastic = _prepare(x, scale, zero_point, qmin, qmax, axis,
-                                                 group_size, key, eps)
+  dtype, xc, s, z, noise, stochastic = _prepare(
+    x, scale, zero_point, qmin, qmax, axis, group_size, key, eps
+  )
   return _learned(xc, s, z, noise, qmin, qmax, stochastic, grad_scale, learn_zp).astype(dtype)
 
 
@@ -325,7 +367,6 @@ def pact(x, alpha, bits: int, *, eps: float = EPS):
     >>> pact(jnp.array([-1.0, 0.2, 5.0]), jnp.float32(1.0), 2)
     Array([0.        , 0.33333334, 1.        ], dtype=float32)
   """
-  from qatjax.core.ranges import check_bits
 
   check_bits(bits)
   qmax = 2**bits - 1

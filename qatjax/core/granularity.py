@@ -13,8 +13,9 @@ def check_axis(axis, ndim: int, name: str = "axis") -> int | None:
   if axis is None:
     return None
   if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
-    raise ValueError(f"{name} must be None or an int in [{-ndim}, {ndim}) for a {ndim}-D input, "
-                     f"got {axis!r}")
+    raise ValueError(
+      f"{name} must be None or an int in [{-ndim}, {ndim}) for a {ndim}-D input, got {axis!r}"
+    )
   return axis % ndim
 
 
@@ -55,24 +56,30 @@ def expand_qparam(p, x_shape, axis, group_size, name: str):
     if group_size is not None:
       raise ValueError(f"group_size={group_size} needs an axis to group along, got axis=None")
     if p.size != 1:
-      raise ValueError(f"{name} must be a scalar for per-tensor quantization (axis=None), "
-                       f"got shape {p.shape}")
+      raise ValueError(
+        f"{name} must be a scalar for per-tensor quantization (axis=None), got shape {p.shape}"
+      )
     return p.reshape(())
   if group_size is None:
     if p.shape != (x_shape[axis],):
-      raise ValueError(f"{name} must have shape ({x_shape[axis]},) for per-channel quantization "
-                       f"along axis {axis} of an input of shape {tuple(x_shape)}, got {p.shape}")
+      raise ValueError(
+        f"{name} must have shape ({x_shape[axis]},) for per-channel quantization "
+        f"along axis {axis} of an input of shape {tuple(x_shape)}, got {p.shape}"
+      )
     return p.reshape([-1 if d == axis else 1 for d in range(ndim)])
   check_group_size(group_size)
   n = num_groups(x_shape[axis], group_size)
   if p.ndim == 1 and p.shape == (n,):
     p = p.reshape([-1 if d == axis else 1 for d in range(ndim)])
   ok = p.ndim == ndim and all(
-      (p.shape[d] == n) if d == axis else (p.shape[d] in (1, x_shape[d])) for d in range(ndim))
+    (p.shape[d] == n) if d == axis else (p.shape[d] in (1, x_shape[d])) for d in range(ndim)
+  )
   if not ok:
     want = group_shape(x_shape, axis, group_size)
-    raise ValueError(f"{name} must have shape ({n},) or {want} (dims other than {axis} may be 1) "
-                     f"for groups of {group_size} along axis {axis} of an input of shape "
-                     f"{tuple(x_shape)}, got {p.shape}")
+    raise ValueError(
+      f"{name} must have shape ({n},) or {want} (dims other than {axis} may be 1) "
+      f"for groups of {group_size} along axis {axis} of an input of shape "
+      f"{tuple(x_shape)}, got {p.shape}"
+    )
   full = jnp.repeat(p, group_size, axis=axis)
   return lax.slice_in_dim(full, 0, x_shape[axis], axis=axis)

@@ -52,17 +52,26 @@ class DotLayout:
   @classmethod
   def of(cls, lhs_shape, rhs_shape, dimension_numbers, group_axis=None) -> DotLayout:
     (lc, rc), (lb, rb) = dimension_numbers
-    lc, rc, lb, rb = map(lambda t: tuple(int(a) for a in t), (lc, rc, lb, rb))
+    lc, rc, lb, rb = (tuple(int(a) for a in t) for t in (lc, rc, lb, rb))
     r_contract = sorted(rc, key=lambda a: (a == group_axis, a))  # group axis innermost
     l_contract = [lc[rc.index(a)] for a in r_contract]
     l_free = [a for a in range(len(lhs_shape)) if a not in lc and a not in lb]
     r_free = [a for a in range(len(rhs_shape)) if a not in rc and a not in rb]
-    size = lambda shape, axes: math.prod(shape[a] for a in axes)  # noqa: E731
-    out = (tuple(lhs_shape[a] for a in lb) + tuple(lhs_shape[a] for a in l_free)
-           + tuple(rhs_shape[a] for a in r_free))
-    return cls(tuple(lb) + tuple(l_free) + tuple(l_contract),
-               tuple(rb) + tuple(r_free) + tuple(r_contract), size(lhs_shape, lb),
-               size(lhs_shape, l_free), size(rhs_shape, r_free), size(rhs_shape, rc), out)
+    size = lambda shape, axes: math.prod(shape[a] for a in axes)
+    out = (
+      tuple(lhs_shape[a] for a in lb)
+      + tuple(lhs_shape[a] for a in l_free)
+      + tuple(rhs_shape[a] for a in r_free)
+    )
+    return cls(
+      tuple(lb) + tuple(l_free) + tuple(l_contract),
+      tuple(rb) + tuple(r_free) + tuple(r_contract),
+      size(lhs_shape, lb),
+      size(lhs_shape, l_free),
+      size(rhs_shape, r_free),
+      size(rhs_shape, rc),
+      out,
+    )
 
   def lhs3(self, x):
     """An activation as ``(B, M, K)``."""
@@ -119,13 +128,13 @@ def int_matmul_grouped(qx3, zx3, qw3, scale3, group_size: int, grouped_len: int)
     return a.reshape(a.shape[:2] + (outer, groups, group_size))
 
   x5, w5 = split(qx3), split(qw3)
-  acc = lax.dot_general(x5, w5, (((2, 4), (2, 4)), ((0, 3), (0, 3))),
-                        preferred_element_type=jnp.int32)  # (B, G, M, N)
+  acc = lax.dot_general(
+    x5, w5, (((2, 4), (2, 4)), ((0, 3), (0, 3))), preferred_element_type=jnp.int32
+  )  # (B, G, M, N)
   sums = jnp.sum(w5.astype(jnp.int32), axis=(2, 4))  # (B, N, G)
   zx4 = zx3 if jnp.ndim(zx3) == 0 else zx3[:, None]  # per row: (B, 1, M, 1)
   acc = acc - zx4 * jnp.transpose(sums, (0, 2, 1))[:, :, None, :]
-  return jnp.sum(acc.astype(jnp.float32) * jnp.transpose(scale3, (0, 2, 1))[:, :, None, :],
-                 axis=1)
+  return jnp.sum(acc.astype(jnp.float32) * jnp.transpose(scale3, (0, 2, 1))[:, :, None, :], axis=1)
 
 
 # Up to this many input rows, a dense layer computes ``(W @ x.T).T``: with the weights as the left
@@ -154,8 +163,11 @@ def int_matmul_nk(x, zx, values, n: int, k: int, packed: bool, kernel_sum):
   nt = (((1,), (1,)), ((), ()))
 
   def dot(a, w):  # a (m, kk) . w (n, kk) over kk -> (m, n), or (n, m) when swapped
-    return lax.dot_general(w, a, nt, preferred_element_type=jnp.int32) if swap else \
-        lax.dot_general(a, w, nt, preferred_element_type=jnp.int32)
+    return (
+      lax.dot_general(w, a, nt, preferred_element_type=jnp.int32)
+      if swap
+      else lax.dot_general(a, w, nt, preferred_element_type=jnp.int32)
+    )
 
   if packed and k % 2 == 0:
     lo, hi = int4_nibbles(values)
@@ -174,8 +186,9 @@ def int4_nibbles(packed):
   """Signed low and high nibbles of packed 4-bit values, int8 (sign-extended by shifts)."""
   p = lax.bitcast_convert_type(jnp.asarray(packed, jnp.uint8), jnp.int8)
   four = jnp.int8(4)
-  return lax.shift_right_arithmetic(lax.shift_left(p, four), four), \
-      lax.shift_right_arithmetic(p, four)
+  return lax.shift_right_arithmetic(lax.shift_left(p, four), four), lax.shift_right_arithmetic(
+    p, four
+  )
 
 
 # Largest contraction size whose float32 sums of (qx - zx) * qw are exact integers:
@@ -186,8 +199,9 @@ EXACT_F32_K = (2**24 - 1) // (255 * 128)  # 514
 FEW_CHANNELS = 4
 
 
-def int_conv(qx, zx, qw, kernel_sum, *, strides, pads, lhs_dilation, rhs_dilation,
-             feature_group_count: int):
+def int_conv(
+  qx, zx, qw, kernel_sum, *, strides, pads, lhs_dilation, rhs_dilation, feature_group_count: int
+):
   """Integer convolution (NHWC / HWIO). The input is padded with its own zero point, so the
   correction ``zx * kernel_sum`` is the same at every output position.
 
@@ -204,18 +218,31 @@ def int_conv(qx, zx, qw, kernel_sum, *, strides, pads, lhs_dilation, rhs_dilatio
   if qw.shape[-2] <= FEW_CHANNELS and k <= EXACT_F32_K and jax.default_backend() == "cpu":
     x = qx.astype(jnp.float32) - zx.astype(jnp.float32)  # padding value 0 == zero point
     dn = lax.conv_dimension_numbers(x.shape, qw.shape, _dims(x.ndim))
-    return lax.conv_general_dilated(x, qw.astype(jnp.float32), strides,
-                                    [(int(lo), int(hi)) for lo, hi in pads],
-                                    lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                                    dimension_numbers=dn, feature_group_count=feature_group_count,
-                                    precision=lax.Precision.HIGHEST)
+    return lax.conv_general_dilated(
+      x,
+      qw.astype(jnp.float32),
+      strides,
+      [(int(lo), int(hi)) for lo, hi in pads],
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dn,
+      feature_group_count=feature_group_count,
+      precision=lax.Precision.HIGHEST,
+    )
   config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dilation)] + [(0, 0, 0)]
   qx = lax.pad(qx, zx.astype(jnp.int8), config)
   nd = qx.ndim
   dn = lax.conv_dimension_numbers(qx.shape, qw.shape, _dims(nd))
-  acc = lax.conv_general_dilated(qx, qw, strides, "VALID", rhs_dilation=rhs_dilation,
-                                 dimension_numbers=dn, feature_group_count=feature_group_count,
-                                 preferred_element_type=jnp.int32)
+  acc = lax.conv_general_dilated(
+    qx,
+    qw,
+    strides,
+    "VALID",
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dn,
+    feature_group_count=feature_group_count,
+    preferred_element_type=jnp.int32,
+  )
   return acc - zx * kernel_sum
 
 

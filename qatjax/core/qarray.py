@@ -66,19 +66,21 @@ class QArray:
   perm: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def create(cls, q, scale, zero_point=None, *, bits: int, axis=None, group_size=None,
-             perm=None):
+  def create(cls, q, scale, zero_point=None, *, bits: int, axis=None, group_size=None, perm=None):
     """Builds a QArray from unpacked integers (logical order), packing them when ``bits <= 4``
     and storing them transposed by ``perm`` if given."""
     q = jnp.asarray(q)
     scale = jnp.asarray(scale, jnp.float32)
-    zero_point = (jnp.zeros_like(scale) if zero_point is None else
-                  jnp.asarray(zero_point, jnp.float32))
+    zero_point = (
+      jnp.zeros_like(scale) if zero_point is None else jnp.asarray(zero_point, jnp.float32)
+    )
     if perm is not None:
       perm = tuple(int(p) for p in perm)
       if sorted(perm) != list(range(q.ndim)):
-        raise ValueError(f"QArray.create: perm={perm!r} is not a permutation of the "
-                         f"{q.ndim} dims of shape {tuple(q.shape)}")
+        raise ValueError(
+          f"QArray.create: perm={perm!r} is not a permutation of the "
+          f"{q.ndim} dims of shape {tuple(q.shape)}"
+        )
       q_stored = jnp.transpose(q, perm)
     else:
       q_stored = q
@@ -87,8 +89,15 @@ class QArray:
 
   def with_perm(self, perm) -> QArray:
     """The same integers, scale and zero point stored in the order ``perm`` (``None``: logical)."""
-    return QArray.create(self.unpack(), self.scale, self.zero_point, bits=self.bits,
-                         axis=self.axis, group_size=self.group_size, perm=perm)
+    return QArray.create(
+      self.unpack(),
+      self.scale,
+      self.zero_point,
+      bits=self.bits,
+      axis=self.axis,
+      group_size=self.group_size,
+      perm=perm,
+    )
 
   @property
   def ndim(self) -> int:

@@ -11,15 +11,26 @@ from qatjax.core.ranges import EPS
 
 def int_dtype(qmin: int, qmax: int):
   """Smallest integer dtype that holds ``[qmin, qmax]`` (int8, uint8, else int32)."""
-  if -128 <= qmin and qmax <= 127:
+  if qmin >= -128 and qmax <= 127:
     return jnp.int8
-  if 0 <= qmin and qmax <= 255:
+  if qmin >= 0 and qmax <= 255:
     return jnp.uint8
   return jnp.int32
 
 
-def quantize(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None = None,
-             group_size: int | None = None, dtype=None, key=None, eps: float = EPS):
+def quantize(
+  x,
+  scale,
+  zero_point,
+  qmin: int,
+  qmax: int,
+  *,
+  axis: int | None = None,
+  group_size: int | None = None,
+  dtype=None,
+  key=None,
+  eps: float = EPS,
+):
   """Quantizes ``x`` to integers: ``clip(round(x / scale) + zero_point, qmin, qmax)``.
 
   Same arguments and numerics as :func:`qatjax.fake_quant`, so that
@@ -44,8 +55,9 @@ def quantize(x, scale, zero_point, qmin: int, qmax: int, *, axis: int | None = N
     >>> quantize(jnp.array([-1.0, 0.3, 2.0]), 0.01, 0, -128, 127)
     Array([-100,   30,  127], dtype=int8)
   """
-  _, xc, s, z, noise, stochastic = _prepare(x, scale, zero_point, qmin, qmax, axis, group_size,
-                                             key, eps)
+  _, xc, s, z, noise, stochastic = _prepare(
+    x, scale, zero_point, qmin, qmax, axis, group_size, key, eps
+  )
   q = jnp.clip(_round(xc * (1.0 / s), noise, stochastic) + z, qmin, qmax)
   return q.astype(dtype or int_dtype(qmin, qmax))
 
@@ -59,8 +71,16 @@ def broadcast_quantize(x, scale, qmin: int, qmax: int, *, eps: float = EPS):
   return q.astype(int_dtype(qmin, qmax))
 
 
-def dequantize(q, scale, zero_point=None, *, axis: int | None = None,
-               group_size: int | None = None, dtype=jnp.float32, eps: float = EPS):
+def dequantize(
+  q,
+  scale,
+  zero_point=None,
+  *,
+  axis: int | None = None,
+  group_size: int | None = None,
+  dtype=jnp.float32,
+  eps: float = EPS,
+):
   """Maps integers back to floats: ``(q - zero_point) * scale``.
 
   Example:

@@ -50,8 +50,7 @@ def qrange(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[int
   return 0, 2**bits - 1 - int(narrow)
 
 
-def scale_zero_point(min_val, max_val, qmin: int, qmax: int, *, symmetric: bool,
-                     eps: float = EPS):
+def scale_zero_point(min_val, max_val, qmin: int, qmax: int, *, symmetric: bool, eps: float = EPS):
   """Scale and zero point that map ``[min_val, max_val]`` onto ``[qmin, qmax]``.
 
   The range is first widened to contain 0 so that zero is exactly representable (Jacob et al.

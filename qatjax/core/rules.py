@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from qatjax.core.config import QuantConfig
 
@@ -77,5 +77,6 @@ def resolve(config, path: str) -> QuantConfig | None:
     return config
   if isinstance(config, QuantRules):
     return config.lookup(path)
-  raise ValueError(f"config of layer {path!r} must be a QuantConfig, QuantRules or None, "
-                   f"got {config!r}")
+  raise ValueError(
+    f"config of layer {path!r} must be a QuantConfig, QuantRules or None, got {config!r}"
+  )

@@ -62,8 +62,7 @@ from qatjax.ops.registry import STATS
 _DENSE_TYPES = (QDense, nn.Dense)
 _CONV_TYPES = (QConv, QConvBN, nn.Conv)
 _FORWARDS = {nn.Dense: dense_forward, nn.Conv: conv_forward}
-_UNSUPPORTED_TYPES = (QDenseGeneral, QEmbed, nn.DenseGeneral, nn.Embed, nn.ConvTranspose,
-                      nn.Einsum)
+_UNSUPPORTED_TYPES = (QDenseGeneral, QEmbed, nn.DenseGeneral, nn.Embed, nn.ConvTranspose, nn.Einsum)
 
 _layer_p = jcore.Primitive("qatjax_onnx_layer")
 _layer_p.def_abstract_eval(lambda x, *, index, out_aval: out_aval)
@@ -72,7 +71,7 @@ _layer_p.def_impl(lambda x, *, index, out_aval: jnp.zeros(out_aval.shape, out_av
 
 def _onnx():
   try:
-    import onnx  # noqa: PLC0415
+    import onnx
   except ImportError as e:  # pragma: no cover
     raise ImportError("export_onnx needs the `onnx` package: pip install 'qatjax[export]'") from e
   return onnx
@@ -101,8 +100,10 @@ def _layer_kind(m, method_name) -> str | None:
   if method_name != "__call__":
     return None
   if isinstance(m, _UNSUPPORTED_TYPES):
-    raise ValueError(f"export_onnx: layer {module_path(m)} ({type(m).__name__}) is not supported; "
-                     "supported layers: QDense, QConv, QConvBN, QAct, nn.Dense, nn.Conv")
+    raise ValueError(
+      f"export_onnx: layer {module_path(m)} ({type(m).__name__}) is not supported; "
+      "supported layers: QDense, QConv, QConvBN, QAct, nn.Dense, nn.Conv"
+    )
   if isinstance(m, QAct):
     return "act"
   if isinstance(m, _DENSE_TYPES):
@@ -125,11 +126,17 @@ def _input_quant(m, v, cfg):
   if "input_scale" not in params:
     return None
   if cfg is None or cfg.act_bits is None:
-    raise ValueError(f"export_onnx: layer {module_path(m)} has an input scale but its config "
-                     "quantizes no activations")
+    raise ValueError(
+      f"export_onnx: layer {module_path(m)} has an input scale but its config "
+      "quantizes no activations"
+    )
   qmin, qmax = cfg.act_range
-  return (float(np.asarray(params["input_scale"])), float(np.asarray(params["input_zero_point"])),
-          qmin, qmax)
+  return (
+    float(np.asarray(params["input_scale"])),
+    float(np.asarray(params["input_zero_point"])),
+    qmin,
+    qmax,
+  )
 
 
 def _check_layer(m, kind, v, cfg):
@@ -139,9 +146,11 @@ def _check_layer(m, kind, v, cfg):
     kernel = v.get("params", {}).get("kernel")
     if kernel is None:
       raise ValueError(f"export_onnx: layer {path} has no kernel")
-    if not isinstance(kernel, QArray) and (stats or cfg is not None and _quantizes(cfg)):
-      raise ValueError(f"export_onnx: layer {path} is not converted (float kernel with a "
-                       "quantizer); run qatjax.convert first")
+    if not isinstance(kernel, QArray) and (stats or (cfg is not None and _quantizes(cfg))):
+      raise ValueError(
+        f"export_onnx: layer {path} is not converted (float kernel with a "
+        "quantizer); run qatjax.convert first"
+      )
     if kind == "conv" and isinstance(m, QConvBN) and not isinstance(kernel, QArray):
       raise ValueError(f"export_onnx: layer {path} (QConvBN) must be converted (BN folded) first")
 
@@ -196,8 +205,12 @@ def _qact_params(layer, exported, rules):
   if not (enabled and bool(np.asarray(node["input_calibrated"]))):
     return None
   qmin, qmax = cfg.act_range
-  return (float(np.asarray(node["input_scale"])), float(np.asarray(node["input_zero_point"])),
-          qmin, qmax)
+  return (
+    float(np.asarray(node["input_scale"])),
+    float(np.asarray(node["input_zero_point"])),
+    qmin,
+    qmax,
+  )
 
 
 # --- pass 2: the jaxpr with one primitive per layer ----------------------------------------------
@@ -235,6 +248,7 @@ def _cf_to_cl(r):
 class _T:
   """A graph tensor: ONNX name, logical (JAX, channels-last) shape, and whether it is stored
   channels-first (physically transposed by ``_cl_to_cf``)."""
+
   name: str
   shape: tuple[int, ...]
   cf: bool = False
@@ -245,12 +259,12 @@ class _T:
 class _Scaled:
   """A lazy ``tensor * factor`` (``reduce_window_sum`` = ``AveragePool * window``): a following
   division by the same factor (``nn.avg_pool``) cancels it."""
+
   t: _T
   factor: float
 
 
 class _Builder:
-
   def __init__(self, onnx, batch, dynamic_batch, int4):
     self.onnx = onnx
     self.h = onnx.helper
@@ -375,8 +389,9 @@ def _emit_dense(b: _Builder, layer: _Layer, t: _T) -> _T:
   bias = p.get("bias")
   base = layer.path + ".out"
   if len(t.shape) == 2:
-    ins = [t.name, w] + ([b.init(np.asarray(bias, np.float32), layer.path + ".bias")]
-                         if bias is not None else [])
+    ins = [t.name, w] + (
+      [b.init(np.asarray(bias, np.float32), layer.path + ".bias")] if bias is not None else []
+    )
     return _T(b.node("Gemm", ins, base), layer.out_shape)
   y = b.node("MatMul", [t.name, w], base if bias is None else base + ".matmul")
   if bias is not None:
@@ -388,15 +403,24 @@ def _emit_conv(b: _Builder, layer: _Layer, t: _T) -> _T:
   m, p = layer.module, layer.variables["params"]
   x_aval = jax.ShapeDtypeStruct(layer.in_shape, jnp.float32)
   g = ConvGeometry.of(m, x_aval.shape, layer.path)
-  ks, strides, in_dil, k_dil, padding = (g.kernel_size, g.strides, g.input_dilation,
-                                         g.kernel_dilation, g.padding)
+  ks, strides, in_dil, k_dil, padding = (
+    g.kernel_size,
+    g.strides,
+    g.input_dilation,
+    g.kernel_dilation,
+    g.padding,
+  )
   nd = len(ks)
   if len(layer.in_shape) != nd + 2:
-    raise ValueError(f"export_onnx: layer {layer.path}: inputs with several batch dims "
-                     f"{layer.in_shape} are not supported")
+    raise ValueError(
+      f"export_onnx: layer {layer.path}: inputs with several batch dims "
+      f"{layer.in_shape} are not supported"
+    )
   if any(d != 1 for d in in_dil):
-    raise ValueError(f"export_onnx: layer {layer.path}: input_dilation={m.input_dilation!r} "
-                     "(transposed convolution) is not supported")
+    raise ValueError(
+      f"export_onnx: layer {layer.path}: input_dilation={m.input_dilation!r} "
+      "(transposed convolution) is not supported"
+    )
   t = b.cfirst(t)
   if layer.act is not None:
     t = _emit_input_quant(b, t, layer.act, layer.path + ".input")
@@ -407,8 +431,12 @@ def _emit_conv(b: _Builder, layer: _Layer, t: _T) -> _T:
     pairs = [((k - 1) // 2, k // 2) for k in dilated]
     pads = [0, 0] + [lo for lo, _ in pairs] + [0, 0] + [hi for _, hi in pairs]
     mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
-    name = b.node("Pad", [name, b.init(np.asarray(pads, np.int64), layer.path + ".pads")],
-                  layer.path + ".padded", mode=mode)
+    name = b.node(
+      "Pad",
+      [name, b.init(np.asarray(pads, np.int64), layer.path + ".pads")],
+      layer.path + ".padded",
+      mode=mode,
+    )
     pairs = [(0, 0)] * nd
   elif padding == "CAUSAL":
     pairs = [(k_dil[0] * (ks[0] - 1), 0)]
@@ -421,9 +449,16 @@ def _emit_conv(b: _Builder, layer: _Layer, t: _T) -> _T:
   ins = [name, w]
   if "bias" in p:
     ins.append(b.init(np.asarray(p["bias"], np.float32), layer.path + ".bias"))
-  y = b.node("Conv", ins, layer.path + ".out", kernel_shape=list(ks), strides=list(strides),
-             dilations=list(k_dil), group=int(m.feature_group_count),
-             pads=[int(lo) for lo, _ in pairs] + [int(hi) for _, hi in pairs])
+  y = b.node(
+    "Conv",
+    ins,
+    layer.path + ".out",
+    kernel_shape=list(ks),
+    strides=list(strides),
+    dilations=list(k_dil),
+    group=int(m.feature_group_count),
+    pads=[int(lo) for lo, _ in pairs] + [int(hi) for _, hi in pairs],
+  )
   return _T(y, layer.out_shape, True)
 
 
@@ -435,19 +470,47 @@ def _emit_act(b: _Builder, layer: _Layer, t: _T) -> _T:
 
 # --- glue primitives -----------------------------------------------------------------------------
 
-_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid",
-          "sqrt": "Sqrt", "abs": "Abs", "sign": "Sign", "floor": "Floor", "ceil": "Ceil",
-          "erf": "Erf", "sin": "Sin", "cos": "Cos"}
-_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min",
-           "pow": "Pow"}
+_UNARY = {
+  "neg": "Neg",
+  "exp": "Exp",
+  "log": "Log",
+  "tanh": "Tanh",
+  "logistic": "Sigmoid",
+  "sqrt": "Sqrt",
+  "abs": "Abs",
+  "sign": "Sign",
+  "floor": "Floor",
+  "ceil": "Ceil",
+  "erf": "Erf",
+  "sin": "Sin",
+  "cos": "Cos",
+}
+_BINARY = {
+  "add": "Add",
+  "sub": "Sub",
+  "mul": "Mul",
+  "div": "Div",
+  "max": "Max",
+  "min": "Min",
+  "pow": "Pow",
+}
 _IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier", "reduce_precision")
 _REDUCE = {"reduce_max": "ReduceMax", "reduce_min": "ReduceMin", "reduce_sum": "ReduceSum"}
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr", "remat", "checkpoint", "named_call")
+_CALLS = (
+  "jit",
+  "pjit",
+  "closed_call",
+  "core_call",
+  "custom_jvp_call",
+  "custom_vjp_call",
+  "custom_vjp_call_jaxpr",
+  "remat",
+  "checkpoint",
+  "named_call",
+)
 
 
 class _Converter:
-
   def __init__(self, b: _Builder, layers):
     self.b, self.layers = b, layers
 
@@ -471,11 +534,8 @@ class _Converter:
 
   def run(self, closed, args):
     jaxpr = closed.jaxpr
-    env = {}
-    for var, val in zip(jaxpr.constvars, closed.consts):
-      env[var] = np.asarray(val)
-    for var, val in zip(jaxpr.invars, args):
-      env[var] = val
+    env = {var: np.asarray(val) for var, val in zip(jaxpr.constvars, closed.consts)}
+    env.update(zip(jaxpr.invars, args))
 
     def read(a):
       if isinstance(a, jcore.Literal):
@@ -487,16 +547,17 @@ class _Converter:
       outs = self.eqn(eqn, ins)
       if not eqn.primitive.multiple_results:
         outs = [outs]
-      for var, val in zip(eqn.outvars, outs):
-        if not isinstance(var, jcore.DropVar):
-          env[var] = val
+      env.update((v, val) for v, val in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
     return [read(a) for a in jaxpr.outvars]
 
   def eqn(self, eqn, ins):
     prim, params = eqn.primitive, eqn.params
     name = prim.name
-    if name in _CALLS or (prim is not _layer_p and _sub_jaxpr(params) is not None
-                          and not all(isinstance(v, np.ndarray) for v in ins)):
+    if name in _CALLS or (
+      prim is not _layer_p
+      and _sub_jaxpr(params) is not None
+      and not all(isinstance(v, np.ndarray) for v in ins)
+    ):
       sub = _sub_jaxpr(params)
       if sub is None:
         raise ValueError(f"export_onnx: cannot inline primitive {name!r}")
@@ -518,8 +579,13 @@ class _Converter:
       if np.dtype(params["new_dtype"]) == np.dtype(t.dtype):
         return t
       return self.cast(t, np.dtype(params["new_dtype"]))
-    if name == "div" and isinstance(ins[0], _Scaled) and isinstance(ins[1], np.ndarray) \
-        and ins[1].size == 1 and np.isclose(float(ins[1]), ins[0].factor, rtol=1e-6):
+    if (
+      name == "div"
+      and isinstance(ins[0], _Scaled)
+      and isinstance(ins[1], np.ndarray)
+      and ins[1].size == 1
+      and np.isclose(float(ins[1]), ins[0].factor, rtol=1e-6)
+    ):
       return ins[0].t
     if name in _UNARY:
       t = self.tensor(ins[0])
@@ -542,19 +608,29 @@ class _Converter:
       return self.binary(name, ins, shape)
     if name == "clamp":
       lo, x, hi = ins
-      if not (isinstance(lo, np.ndarray) and isinstance(hi, np.ndarray) and lo.size == 1
-              and hi.size == 1):
+      if not (
+        isinstance(lo, np.ndarray) and isinstance(hi, np.ndarray) and lo.size == 1 and hi.size == 1
+      ):
         raise ValueError("export_onnx: clamp with tensor bounds is not supported")
       t = self.tensor(x)
-      return _T(self.b.node("Clip", [t.name, self.b.init(np.float32(lo), "clip_min"),
-                                     self.b.init(np.float32(hi), "clip_max")], base),
-                shape, t.cf)
+      return _T(
+        self.b.node(
+          "Clip",
+          [
+            t.name,
+            self.b.init(np.float32(lo), "clip_min"),
+            self.b.init(np.float32(hi), "clip_max"),
+          ],
+          base,
+        ),
+        shape,
+        t.cf,
+      )
     if name in ("reduce_window_max", "reduce_window_sum"):
       return self.pool(name, self.tensor(ins[0]), params, shape)
     t = self.b.plain(self.tensor(ins[0])) if not isinstance(ins[0], np.ndarray) else None
     if name in ("reshape", "squeeze", "expand_dims"):
-      return _T(self.b.node("Reshape", [t.name, self.reshape_target(t.shape, shape)], base),
-                shape)
+      return _T(self.b.node("Reshape", [t.name, self.reshape_target(t.shape, shape)], base), shape)
     if name == "broadcast_in_dim":
       dims = params["broadcast_dimensions"]
       mid = [1] * len(shape)
@@ -574,20 +650,25 @@ class _Converter:
       return _T(self.b.node(_REDUCE[name], [t.name, axes], base, keepdims=0), shape)
     if name == "argmax" or name == "argmin":
       (axis,) = params["axes"]
-      y = self.b.node("ArgMax" if name == "argmax" else "ArgMin", [t.name], base, axis=int(axis),
-                      keepdims=0)
+      y = self.b.node(
+        "ArgMax" if name == "argmax" else "ArgMin", [t.name], base, axis=int(axis), keepdims=0
+      )
       return self.cast(_T(y, shape, False, np.int64), np.dtype(params["index_dtype"]))
     if name == "concatenate":
-      names = []
-      for v in ins:
-        names.append(self.b.init(np.asarray(v, np.float32), "concat_const")
-                     if isinstance(v, np.ndarray) else self.b.plain(self.tensor(v)).name)
+      names = [
+        self.b.init(np.asarray(v, np.float32), "concat_const")
+        if isinstance(v, np.ndarray)
+        else self.b.plain(self.tensor(v)).name
+        for v in ins
+      ]
       return _T(self.b.node("Concat", names, base, axis=int(params["dimension"])), shape)
     if name == "dot_general":
       return self.dot(eqn, ins, shape)
-    raise ValueError(f"export_onnx: unsupported operation {name!r} between layers (supported: "
-                     "relu and other elementwise ops, nn.max_pool, nn.avg_pool, reshape, "
-                     "transpose, reductions, concatenate)")
+    raise ValueError(
+      f"export_onnx: unsupported operation {name!r} between layers (supported: "
+      "relu and other elementwise ops, nn.max_pool, nn.avg_pool, reshape, "
+      "transpose, reductions, concatenate)"
+    )
 
   def cast(self, t: _T, dtype):
     to = self.b.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -597,8 +678,10 @@ class _Converter:
     new = list(new)
     if self.b.dynamic:
       if not (new and old and new[0] == old[0] == self.b.batch):
-        raise ValueError(f"export_onnx: reshape {tuple(old)} -> {tuple(new)} does not keep the "
-                         "batch dimension first; export with dynamic_batch=False")
+        raise ValueError(
+          f"export_onnx: reshape {tuple(old)} -> {tuple(new)} does not keep the "
+          "batch dimension first; export with dynamic_batch=False"
+        )
       new[0] = 0  # ONNX Reshape: 0 copies the input's dim
     return self.b.shape_const(new, "shape")
 
@@ -628,13 +711,26 @@ class _Converter:
     win, st = params["window_dimensions"], params["window_strides"]
     pad, bd, wd = params["padding"], params["base_dilation"], params["window_dilation"]
     r = len(win)
-    if r < 3 or win[0] != 1 or win[-1] != 1 or st[0] != 1 or st[-1] != 1 or any(
-        d != 1 for d in bd) or tuple(pad[0]) != (0, 0) or tuple(pad[-1]) != (0, 0):
-      raise ValueError(f"export_onnx: {name} with window {win}, strides {st}, padding {pad}, "
-                       f"base dilation {bd} is not a spatial pooling (batch, ..., channels)")
+    if (
+      r < 3
+      or win[0] != 1
+      or win[-1] != 1
+      or st[0] != 1
+      or st[-1] != 1
+      or any(d != 1 for d in bd)
+      or tuple(pad[0]) != (0, 0)
+      or tuple(pad[-1]) != (0, 0)
+    ):
+      raise ValueError(
+        f"export_onnx: {name} with window {win}, strides {st}, padding {pad}, "
+        f"base dilation {bd} is not a spatial pooling (batch, ..., channels)"
+      )
     t = self.b.cfirst(t)
-    attrs = dict(kernel_shape=list(win[1:-1]), strides=list(st[1:-1]),
-                 pads=[int(lo) for lo, _ in pad[1:-1]] + [int(hi) for _, hi in pad[1:-1]])
+    attrs = dict(
+      kernel_shape=list(win[1:-1]),
+      strides=list(st[1:-1]),
+      pads=[int(lo) for lo, _ in pad[1:-1]] + [int(hi) for _, hi in pad[1:-1]],
+    )
     if any(d != 1 for d in wd):
       attrs["dilations"] = list(wd[1:-1])
     if name == "reduce_window_max":
@@ -645,10 +741,18 @@ class _Converter:
   def dot(self, eqn, ins, shape):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     a, w = ins
-    if isinstance(a, np.ndarray) or not isinstance(w, np.ndarray) or lb or rb or \
-        tuple(lc) != (len(a.shape) - 1,) or tuple(rc) != (0,) or w.ndim != 2:
-      raise ValueError("export_onnx: only `tensor @ constant matrix` dot_general is supported "
-                       "between layers")
+    if (
+      isinstance(a, np.ndarray)
+      or not isinstance(w, np.ndarray)
+      or lb
+      or rb
+      or tuple(lc) != (len(a.shape) - 1,)
+      or tuple(rc) != (0,)
+      or w.ndim != 2
+    ):
+      raise ValueError(
+        "export_onnx: only `tensor @ constant matrix` dot_general is supported between layers"
+      )
     t = self.b.plain(self.tensor(a))
     wn = self.b.init(np.asarray(w, np.float32), "matmul_const")
     return _T(self.b.node("MatMul", [t.name, wn], "matmul"), shape)
@@ -667,9 +771,19 @@ def _sub_jaxpr(params):
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def export_onnx(model, qvars, example_input, path=None, *, opset: int = 21,
-                dynamic_batch: bool = True, int4: bool = True, input_name: str = "input",
-                output_name: str = "output", apply_kwargs: dict | None = None):
+def export_onnx(
+  model,
+  qvars,
+  example_input,
+  path=None,
+  *,
+  opset: int = 21,
+  dynamic_batch: bool = True,
+  int4: bool = True,
+  input_name: str = "input",
+  output_name: str = "output",
+  apply_kwargs: dict | None = None,
+):
   """Exports a converted model to an ONNX QDQ graph.
 
   Supported models call, in any order, ``QDense`` / ``QConv`` / ``QConvBN`` (converted with
@@ -699,7 +813,8 @@ def export_onnx(model, qvars, example_input, path=None, *, opset: int = 21,
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> model = nn.Sequential([QDense(8, config=QuantConfig()), nn.relu, QDense(3, config=QuantConfig())])
+    >>> cfg = QuantConfig()
+    >>> model = nn.Sequential([QDense(8, config=cfg), nn.relu, QDense(3, config=cfg)])
     >>> x = jax.random.normal(jax.random.key(0), (4, 5))
     >>> v = model.init(jax.random.key(1), x)
     >>> _, stats = model.apply(v, x, mutable=["quant_stats"])
@@ -743,11 +858,15 @@ def export_onnx(model, qvars, example_input, path=None, *, opset: int = 21,
   if dynamic_batch:
     in_dims[0] = "batch"
   graph = onnx.helper.make_graph(
-      b.nodes, type(model).__name__,
-      [onnx.helper.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, in_dims)],
-      graph_outputs, b.inits)
-  proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)],
-                                 producer_name="qatjax")
+    b.nodes,
+    type(model).__name__,
+    [onnx.helper.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, in_dims)],
+    graph_outputs,
+    b.inits,
+  )
+  proto = onnx.helper.make_model(
+    graph, opset_imports=[onnx.helper.make_opsetid("", opset)], producer_name="qatjax"
+  )
   # The oldest IR version that has this opset: loadable by the widest range of runtimes.
   proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
   onnx.checker.check_model(proto)

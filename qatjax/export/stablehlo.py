@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax import export as jax_export
 
 
-def export_stablehlo(model, qvars, example_input, *, dynamic_batch: bool = False,
-                     platforms=None, apply_kwargs: dict | None = None) -> bytes:
+def export_stablehlo(
+  model,
+  qvars,
+  example_input,
+  *,
+  dynamic_batch: bool = False,
+  platforms=None,
+  apply_kwargs: dict | None = None,
+) -> bytes:
   """Serializes ``x -> model.apply(qvars, x)`` (StableHLO via :mod:`jax.export`).
 
   The converted variables are closed over: they are stored in the artifact as constants (int8 /
@@ -46,8 +52,9 @@ def export_stablehlo(model, qvars, example_input, *, dynamic_batch: bool = False
   kwargs = dict(apply_kwargs or {})
   shape, dtype = tuple(example_input.shape), example_input.dtype
   if not shape:
-    raise ValueError("export_stablehlo: example_input must have at least one dimension, got a "
-                     "scalar")
+    raise ValueError(
+      "export_stablehlo: example_input must have at least one dimension, got a scalar"
+    )
   if dynamic_batch:
     spec = "batch" + "".join(f", {d}" for d in shape[1:])
     shape = jax_export.symbolic_shape(spec)

@@ -9,7 +9,8 @@ quantizer state serves several methods of one module (``nn.Embed``'s lookup and 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax.core import meta
@@ -61,8 +62,10 @@ class LinenContext(QuantContext):
     return module_path(self._module)
 
   def _missing(self, col: str, name: str):
-    return ValueError(f"layer {self.path}: variable {col}/{name} is missing and {col} is not "
-                      "mutable; apply the model with the variables from init / from_float")
+    return ValueError(
+      f"layer {self.path}: variable {col}/{name} is missing and {col} is not "
+      "mutable; apply the model with the variables from init / from_float"
+    )
 
   def param(self, name: str, init: Callable[[], Any]) -> Any:
     scope = self._module.scope
@@ -95,8 +98,9 @@ class LinenContext(QuantContext):
     return m.is_mutable_collection(RECORD) and not m.is_initializing()
 
   def record(self, name: str, value: Any) -> None:
-    self._module.scope.put_variable(RECORD, name,
-                                    jax.tree_util.tree_map(jax.lax.stop_gradient, value))
+    self._module.scope.put_variable(
+      RECORD, name, jax.tree_util.tree_map(jax.lax.stop_gradient, value)
+    )
 
   def converted(self, name: str) -> Any | None:
     scope = self._module.scope

@@ -3,7 +3,8 @@ user of the quantized convolution."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,14 +35,18 @@ def conv(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
     inputs = jnp.reshape(inputs, (-1,) + inputs.shape[n_batch:])
   in_features = inputs.shape[-1]
   if in_features % m.feature_group_count:
-    raise ValueError(f"layer {path}: input features {in_features} are not divisible by "
-                     f"feature_group_count={m.feature_group_count}")
+    raise ValueError(
+      f"layer {path}: input features {in_features} are not divisible by "
+      f"feature_group_count={m.feature_group_count}"
+    )
   kernel_shape = geometry.kernel_size + (in_features // m.feature_group_count, m.features)
 
   def check(stored):
     if stored != kernel_shape:
-      raise ValueError(f"layer {path}: input of shape {inputs.shape} needs a kernel of shape "
-                       f"{kernel_shape}, but the stored kernel is {stored}")
+      raise ValueError(
+        f"layer {path}: input of shape {inputs.shape} needs a kernel of shape "
+        f"{kernel_shape}, but the stored kernel is {stored}"
+      )
 
   kernel = weight(m, "kernel", m.kernel_init, kernel_shape, m.param_dtype, check=check)
   post = None
@@ -52,9 +57,17 @@ def conv(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
     if kernel_transform is not None:
       kernel, post = kernel_transform(kernel)
   wq, aq = (None, None) if cfg is None else (cfg.weight_quant, cfg.act_quant)
-  y = ops_conv.conv(LinenContext(m), inputs, kernel, wq, aq, geometry,
-                    feature_group_count=m.feature_group_count, precision=m.precision,
-                    dtype=m.dtype)
+  y = ops_conv.conv(
+    LinenContext(m),
+    inputs,
+    kernel,
+    wq,
+    aq,
+    geometry,
+    feature_group_count=m.feature_group_count,
+    precision=m.precision,
+    dtype=m.dtype,
+  )
   if post is not None:
     y = post(y)
   if bias is not None:
@@ -68,10 +81,10 @@ class QConv(nn.Module):
   """A quantized ``nn.Conv`` (channels-last; 1-D, 2-D or 3-D).
 
   Mirrors ``nn.Conv``'s fields and its ``kernel`` / ``bias`` parameters, including strides,
-  ``SAME`` / ``VALID`` / explicit / ``CIRCULAR`` / ``REFLECT`` / ``CAUSAL`` padding, input and kernel
-  dilation and ``feature_group_count`` (depthwise when equal to the input features). Weights get
-  one scale per output channel by default. After :func:`qatjax.convert` it runs an int8 x int8 ->
-  int32 convolution; the input is padded with its zero point, so padding stays exact.
+  ``SAME`` / ``VALID`` / explicit / ``CIRCULAR`` / ``REFLECT`` / ``CAUSAL`` padding, input and
+  kernel dilation and ``feature_group_count`` (depthwise when equal to the input features).
+  Weights get one scale per output channel by default. After :func:`qatjax.convert` it runs an
+  int8 x int8 -> int32 convolution; the input is padded with its zero point, so padding stays exact.
 
   Attributes:
     features: output channels.

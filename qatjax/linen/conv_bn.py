@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -71,8 +72,9 @@ class QConvBN(nn.Module):
   def __call__(self, x, use_running_average: bool | None = None):
     """Applies conv + BN; ``use_running_average=False`` trains with batch statistics."""
     cfg = resolve(self.config, module_path(self))
-    if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"),
-                                                            QArray):
+    if self.has_variable("params", "kernel") and isinstance(
+      self.get_variable("params", "kernel"), QArray
+    ):
       return conv(self, x, cfg)  # BN already folded into the integer kernel and the bias
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     n = self.features
@@ -86,8 +88,9 @@ class QConvBN(nn.Module):
     holder = {}
 
     def fold(kernel):
-      holder["conv_bias"] = (self.get_variable("params", "bias") if self.use_bias
-                             else jnp.zeros((n,), jnp.float32))
+      holder["conv_bias"] = (
+        self.get_variable("params", "bias") if self.use_bias else jnp.zeros((n,), jnp.float32)
+      )
       return kernel * f, lambda y: y / f_safe
 
     y = conv(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b

@@ -4,7 +4,8 @@ of the quantized ``dot_general``."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,10 +26,12 @@ def _shape_check(module, inputs_part, what):
   """A check for a stored kernel: its leading dims must equal ``inputs_part``."""
 
   def check(stored):
-    expects = tuple(stored[:len(inputs_part)])
+    expects = tuple(stored[: len(inputs_part)])
     if expects != tuple(inputs_part):
-      raise ValueError(f"layer {module_path(module)}: {what} {tuple(inputs_part)} does not match "
-                       f"its kernel, which expects {expects}")
+      raise ValueError(
+        f"layer {module_path(module)}: {what} {tuple(inputs_part)} does not match "
+        f"its kernel, which expects {expects}"
+      )
 
   return check
 
@@ -40,11 +43,24 @@ def _add_bias(y, bias):
 def dense(m, inputs, cfg: QuantConfig | None):
   """``nn.Dense.__call__`` with quantization, on any bound module with Dense's fields."""
   k_in = jnp.shape(inputs)[-1]
-  kernel = weight(m, "kernel", m.kernel_init, (k_in, m.features), m.param_dtype,
-                  check=_shape_check(m, (k_in,), "input feature size"))
+  kernel = weight(
+    m,
+    "kernel",
+    m.kernel_init,
+    (k_in, m.features),
+    m.param_dtype,
+    check=_shape_check(m, (k_in,), "input feature size"),
+  )
   bias = m.param("bias", m.bias_init, (m.features,), m.param_dtype) if m.use_bias else None
-  y = dot.dot_general(LinenContext(m), inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                      *_specs(cfg), precision=m.precision, dtype=m.dtype)
+  y = dot.dot_general(
+    LinenContext(m),
+    inputs,
+    kernel,
+    (((inputs.ndim - 1,), (0,)), ((), ())),
+    *_specs(cfg),
+    precision=m.precision,
+    dtype=m.dtype,
+  )
   return _add_bias(y, bias)
 
 
@@ -59,19 +75,28 @@ def dense_general(m, inputs, cfg: QuantConfig | None):
   axis = _canon_axes(m.axis, inputs.ndim)
   in_shape = tuple(inputs.shape[a] for a in axis)
   if cfg is not None and cfg.weight_granularity == "per_group" and len(axis) != 1:
-    raise ValueError(f"layer {module_path(m)}: per_group weights need a single contracting "
-                     f"axis, got axis={m.axis!r}")
+    raise ValueError(
+      f"layer {module_path(m)}: per_group weights need a single contracting "
+      f"axis, got axis={m.axis!r}"
+    )
   k_in, k_out = math.prod(in_shape), math.prod(features)
 
   def kernel_init(rng, shape, dtype):
     return m.kernel_init(rng, (k_in, k_out), dtype).reshape(shape)
 
-  kernel = weight(m, "kernel", kernel_init, in_shape + features, m.param_dtype,
-                  check=_shape_check(m, in_shape, "input shape"))
+  kernel = weight(
+    m,
+    "kernel",
+    kernel_init,
+    in_shape + features,
+    m.param_dtype,
+    check=_shape_check(m, in_shape, "input shape"),
+  )
   bias = m.param("bias", m.bias_init, features, m.param_dtype) if m.use_bias else None
   dims = ((axis, tuple(range(len(axis)))), ((), ()))
-  y = dot.dot_general(LinenContext(m), inputs, kernel, dims, *_specs(cfg), precision=m.precision,
-                      dtype=m.dtype)
+  y = dot.dot_general(
+    LinenContext(m), inputs, kernel, dims, *_specs(cfg), precision=m.precision, dtype=m.dtype
+  )
   return _add_bias(y, bias)
 
 

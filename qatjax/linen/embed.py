@@ -44,13 +44,15 @@ class QEmbed(nn.Module):
   def setup(self):
     self._cfg = resolve(self.config, module_path(self))
     self._wq = None if self._cfg is None else self._cfg.weight_quant
-    self.embedding = weight(self, "embedding", self.embedding_init,
-                            (self.num_embeddings, self.features), self.param_dtype)
+    self.embedding = weight(
+      self, "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
+    )
 
   def __call__(self, inputs):
     """Looks up rows of the (quantized) table for integer ``inputs``."""
-    return embed_lookup(LinenContext(self), self.embedding, inputs, self._wq,
-                        dtype=self.dtype or self.param_dtype)
+    return embed_lookup(
+      LinenContext(self), self.embedding, inputs, self._wq, dtype=self.dtype or self.param_dtype
+    )
 
   def attend(self, query):
     """Dot product of ``query`` with every (quantized) row, as ``nn.Embed.attend``."""

@@ -56,7 +56,7 @@ class QuantizedModel(nn.Module):
 
   def layer_path(self, module) -> str:
     """``module``'s path relative to the wrapped model (``"<root>"`` for the model itself)."""
-    return "/".join(str(p) for p in module.path[len(self.path):]) or "<root>"
+    return "/".join(str(p) for p in module.path[len(self.path) :]) or "<root>"
 
   def run(self, method: str, *args, **kwargs):
     """Calls the wrapped model's ``method`` with its layers quantized by the rules."""
@@ -84,8 +84,9 @@ class QuantizedModel(nn.Module):
     if self.is_initializing():
       unmatched = [p for p, _ in rules.patterns if p not in matched]
       if unmatched:
-        warnings.warn(f"quantize_model: rules {unmatched} matched no nn.Dense / nn.Conv layer",
-                      stacklevel=2)
+        warnings.warn(
+          f"quantize_model: rules {unmatched} matched no nn.Dense / nn.Conv layer", stacklevel=2
+        )
     return out
 
 

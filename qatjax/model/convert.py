@@ -17,9 +17,11 @@ def _check_calibrated(layer, record, stats):
   for site in ACT_SITES:
     count = stats.get(layer + (act_leaf(site, "count"),))
     if layer + (act_leaf(site, "scale"),) in record and count is not None and not int(count) > 0:
-      raise ValueError(f"convert: layer {'/'.join(layer) or '<root>'} has no activation "
-                       "statistics (its observer never saw data); calibrate or train with "
-                       "mutable=['quant_stats'] first")
+      raise ValueError(
+        f"convert: layer {'/'.join(layer) or '<root>'} has no activation "
+        "statistics (its observer never saw data); calibrate or train with "
+        "mutable=['quant_stats'] first"
+      )
 
 
 def convert(model, variables, *args, **kwargs) -> dict:
@@ -86,7 +88,7 @@ def convert(model, variables, *args, **kwargs) -> dict:
   bs = {k: v for k, v in _flat(variables.get("batch_stats", {})).items() if k[:-1] not in layers}
   if bs:
     out["batch_stats"] = traverse_util.unflatten_dict(bs)
-  for col, tree in variables.items():
-    if col not in ("params", STATS, "batch_stats", RECORD):
-      out[col] = tree
+  out.update(
+    {c: t for c, t in variables.items() if c not in ("params", STATS, "batch_stats", RECORD)}
+  )
   return out

@@ -10,8 +10,9 @@ from flax import traverse_util
 from qatjax.ops.registry import FLAGS, STATS
 
 
-def set_quant_flags(variables, *, enabled=None, observe=None, bn_frozen=None,
-                    path: str | None = None):
+def set_quant_flags(
+  variables, *, enabled=None, observe=None, bn_frozen=None, path: str | None = None
+):
   """Returns ``variables`` with the quantization switches in ``quant_stats`` replaced.
 
   Works inside ``jit`` with traced booleans (the QAT schedule flips them from the step counter

@@ -56,11 +56,15 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
     want, have = _flat_paths(ref.get(col, {})), _flat_paths(tree)
     for path, leaf in have.items():
       if path not in want:
-        raise ValueError(f"from_float: float variable {col}/{path} has no counterpart in the "
-                         f"quantized model (extra path)")
+        raise ValueError(
+          f"from_float: float variable {col}/{path} has no counterpart in the "
+          f"quantized model (extra path)"
+        )
       if tuple(jnp.shape(leaf)) != tuple(want[path].shape):
-        raise ValueError(f"from_float: {col}/{path} has shape {tuple(jnp.shape(leaf))} in the "
-                         f"float variables but {tuple(want[path].shape)} in the quantized model")
+        raise ValueError(
+          f"from_float: {col}/{path} has shape {tuple(jnp.shape(leaf))} in the "
+          f"float variables but {tuple(want[path].shape)} in the quantized model"
+        )
     for path in want:
       if path not in have and not is_quantizer_param(path.rsplit("/", 1)[-1]):
         raise ValueError(f"from_float: the float variables lack {col}/{path} (missing path)")

@@ -43,8 +43,10 @@ def _leaf_array(a, where):
   if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended):
     raise ValueError(f"save_quantized: {where} has dtype {a.dtype}, which cannot be saved")
   if not isinstance(a, (jax.Array, np.ndarray, np.generic, bool, int, float)):
-    raise ValueError(f"save_quantized: {where} is a {type(a).__name__}; only arrays, QArrays "
-                     "and nested dicts can be saved")
+    raise ValueError(
+      f"save_quantized: {where} is a {type(a).__name__}; only arrays, QArrays "
+      "and nested dicts can be saved"
+    )
   a = np.asarray(a)
   if a.dtype == object:
     raise ValueError(f"save_quantized: {where} is an object array")
@@ -95,11 +97,18 @@ def save_quantized(path, qvars) -> None:
   def walk(node, keys):
     where = "/".join(keys) or "<root>"
     if isinstance(node, QArray):
-      entries.append({"path": keys, "kind": "qarray", "shape": list(node.shape),
-                      "bits": int(node.bits), "axis": node.axis, "group_size": node.group_size,
-                      "perm": None if node.perm is None else list(node.perm),
-                      **{f: add(getattr(node, f), f"{where}.{f}")
-                         for f in ("values", "scale", "zero_point")}})
+      entries.append(
+        {
+          "path": keys,
+          "kind": "qarray",
+          "shape": list(node.shape),
+          "bits": int(node.bits),
+          "axis": node.axis,
+          "group_size": node.group_size,
+          "perm": None if node.perm is None else list(node.perm),
+          **{f: add(getattr(node, f), f"{where}.{f}") for f in ("values", "scale", "zero_point")},
+        }
+      )
     elif hasattr(node, "items"):
       if not len(node):
         empty.append(keys)
@@ -111,12 +120,15 @@ def save_quantized(path, qvars) -> None:
       entries.append({"path": keys, "kind": "array", **add(node, where)})
 
   if not hasattr(qvars, "items"):
-    raise ValueError(f"save_quantized: qvars must be a dict of collections, got "
-                     f"{type(qvars).__name__}")
+    raise ValueError(
+      f"save_quantized: qvars must be a dict of collections, got {type(qvars).__name__}"
+    )
   walk(qvars, [])
   data = b"".join(chunks)
-  header = json.dumps({"data_bytes": len(data), "crc32": zlib.crc32(data), "entries": entries,
-                       "empty": empty}, separators=(",", ":")).encode()
+  header = json.dumps(
+    {"data_bytes": len(data), "crc32": zlib.crc32(data), "entries": entries, "empty": empty},
+    separators=(",", ":"),
+  ).encode()
   path = os.fspath(path)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
@@ -151,21 +163,23 @@ def load_quantized(path) -> dict:
   if magic != MAGIC:
     raise _bad(path, f"magic bytes {magic!r}, expected {MAGIC!r}")
   if version > VERSION or version < 1:
-    raise ValueError(f"{path} has format version {version}; this qatjax reads version "
-                     f"{VERSION} (upgrade qatjax)")
+    raise ValueError(
+      f"{path} has format version {version}; this qatjax reads version {VERSION} (upgrade qatjax)"
+    )
   start = _PREFIX.size
   if start + hlen > len(blob):
-    raise ValueError(f"{path} is truncated: the header needs {hlen} bytes, the file has "
-                     f"{len(blob) - start} after the prefix")
+    raise ValueError(
+      f"{path} is truncated: the header needs {hlen} bytes, the file has "
+      f"{len(blob) - start} after the prefix"
+    )
   try:
-    header = json.loads(blob[start:start + hlen].decode())
+    header = json.loads(blob[start : start + hlen].decode())
     entries, n, crc = header["entries"], header["data_bytes"], header["crc32"]
   except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
     raise _bad(path, f"unreadable header ({e})") from None
-  data = memoryview(blob)[start + hlen:]
+  data = memoryview(blob)[start + hlen :]
   if len(data) != n:
-    raise ValueError(f"{path} is truncated or padded: {len(data)} data bytes, the header says "
-                     f"{n}")
+    raise ValueError(f"{path} is truncated or padded: {len(data)} data bytes, the header says {n}")
   if zlib.crc32(data) != crc:
     raise ValueError(f"{path} is corrupt: data checksum mismatch")
 
@@ -174,11 +188,15 @@ def load_quantized(path) -> dict:
       dtype = np.dtype(jnp.dtype(spec["dtype"]))
       shape = tuple(int(d) for d in spec["shape"])
       off, nbytes = int(spec["offset"]), int(spec["nbytes"])
-      if off < 0 or off + nbytes > n or nbytes != int(np.prod(shape, dtype=np.int64)) * \
-          dtype.itemsize:
+      if (
+        off < 0
+        or off + nbytes > n
+        or nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      ):
         raise ValueError("offset / size out of range")
-      a = np.frombuffer(data, dtype, count=nbytes // dtype.itemsize,
-                        offset=off).reshape(shape).copy()
+      a = (
+        np.frombuffer(data, dtype, count=nbytes // dtype.itemsize, offset=off).reshape(shape).copy()
+      )
     except (KeyError, TypeError, ValueError) as e:
       raise _bad(path, f"bad entry {where} ({e})") from None
     if jax.dtypes.canonicalize_dtype(dtype) != dtype:
@@ -200,10 +218,16 @@ def load_quantized(path) -> dict:
     where = "/".join(map(str, keys or []))
     if e.get("kind") == "qarray":
       try:
-        qa = QArray(array(e["values"], where + ".values"), array(e["scale"], where + ".scale"),
-                    array(e["zero_point"], where + ".zero_point"), tuple(e["shape"]),
-                    int(e["bits"]), e["axis"], e["group_size"],
-                    None if e.get("perm") is None else tuple(e["perm"]))
+        qa = QArray(
+          array(e["values"], where + ".values"),
+          array(e["scale"], where + ".scale"),
+          array(e["zero_point"], where + ".zero_point"),
+          tuple(e["shape"]),
+          int(e["bits"]),
+          e["axis"],
+          e["group_size"],
+          None if e.get("perm") is None else tuple(e["perm"]),
+        )
       except KeyError as err:
         raise _bad(path, f"entry {where} lacks {err}") from None
       put(keys, qa)

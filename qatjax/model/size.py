@@ -47,9 +47,13 @@ class LayerSize:
     return self.weight_bytes + self.quant_bytes + self.other_bytes
 
   def _add(self, weight=0, quant=0, other=0, n=0) -> LayerSize:
-    return dataclasses.replace(self, weight_bytes=self.weight_bytes + weight,
-                               quant_bytes=self.quant_bytes + quant,
-                               other_bytes=self.other_bytes + other, n_weights=self.n_weights + n)
+    return dataclasses.replace(
+      self,
+      weight_bytes=self.weight_bytes + weight,
+      quant_bytes=self.quant_bytes + quant,
+      other_bytes=self.other_bytes + other,
+      n_weights=self.n_weights + n,
+    )
 
 
 def _fmt(n: float) -> str:
@@ -100,10 +104,25 @@ class SizeReport:
   def table(self) -> str:
     """A text table: one row per layer (weights, quantization metadata, other, total)."""
     head = ("layer", "weights", "quant", "other", "total")
-    rows = [(lay.name, _fmt(lay.weight_bytes), _fmt(lay.quant_bytes), _fmt(lay.other_bytes),
-             _fmt(lay.total)) for lay in self.layers]
-    rows.append(("total", _fmt(self.weight_bytes), _fmt(self.quant_bytes),
-                 _fmt(self.other_bytes), f"{_fmt(self.total)} ({self.total} B)"))
+    rows = [
+      (
+        lay.name,
+        _fmt(lay.weight_bytes),
+        _fmt(lay.quant_bytes),
+        _fmt(lay.other_bytes),
+        _fmt(lay.total),
+      )
+      for lay in self.layers
+    ]
+    rows.append(
+      (
+        "total",
+        _fmt(self.weight_bytes),
+        _fmt(self.quant_bytes),
+        _fmt(self.other_bytes),
+        f"{_fmt(self.total)} ({self.total} B)",
+      )
+    )
     return _render(head, rows)
 
   def __str__(self) -> str:
@@ -116,8 +135,9 @@ class SizeReport:
 
 def _render(head, rows) -> str:
   widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
-  line = lambda r: "  ".join(  # noqa: E731
-      str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  line = lambda r: "  ".join(
+    str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+  )
   return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
@@ -158,19 +178,23 @@ def model_size(variables, *, collections=None) -> SizeReport:
   layers: dict[str, LayerSize] = {}
   for col in cols:
     if col not in variables:
-      raise ValueError(f"model_size: collection {col!r} not in variables (has "
-                       f"{sorted(variables)})")
+      raise ValueError(f"model_size: collection {col!r} not in variables (has {sorted(variables)})")
     tree = variables[col]
-    flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: isinstance(v, QArray)) \
-        if hasattr(tree, "items") else {(): tree}
+    flat = (
+      traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: isinstance(v, QArray))
+      if hasattr(tree, "items")
+      else {(): tree}
+    )
     for path, leaf in flat.items():
       name = "/".join(str(p) for p in path[:-1]) or "<root>"
       leaf_name = path[-1] if path else col
       cur = layers.get(name) or LayerSize(name)
       if isinstance(leaf, QArray):
-        cur = cur._add(weight=_nbytes(leaf.values),
-                       quant=_nbytes(leaf.scale) + _nbytes(leaf.zero_point),
-                       n=math.prod(leaf.shape))
+        cur = cur._add(
+          weight=_nbytes(leaf.values),
+          quant=_nbytes(leaf.scale) + _nbytes(leaf.zero_point),
+          n=math.prod(leaf.shape),
+        )
       elif leaf_name in WEIGHTS:
         cur = cur._add(weight=_nbytes(leaf), n=_size(leaf))
       elif leaf_name in QUANT_METADATA:
@@ -194,11 +218,19 @@ def compare_sizes(baseline, other, names: tuple[str, str] = ("float", "quantized
   """
   a = baseline if isinstance(baseline, SizeReport) else model_size(baseline)
   b = other if isinstance(other, SizeReport) else model_size(other)
-  order = [lay.name for lay in a.layers] + [lay.name for lay in b.layers
-                                             if lay.name not in {x.name for x in a.layers}]
+  order = [lay.name for lay in a.layers] + [
+    lay.name for lay in b.layers if lay.name not in {x.name for x in a.layers}
+  ]
   amap, bmap = {lay.name: lay.total for lay in a.layers}, {lay.name: lay.total for lay in b.layers}
-  pct = lambda x, y: f"{100.0 * y / x:.1f}%" if x and y is not None else "-"  # noqa: E731
-  rows = [(n, _fmt(amap[n]) if n in amap else "-", _fmt(bmap[n]) if n in bmap else "-",
-           pct(amap.get(n, 0), bmap.get(n))) for n in order]
+  pct = lambda x, y: f"{100.0 * y / x:.1f}%" if x and y is not None else "-"
+  rows = [
+    (
+      n,
+      _fmt(amap[n]) if n in amap else "-",
+      _fmt(bmap[n]) if n in bmap else "-",
+      pct(amap.get(n, 0), bmap.get(n)),
+    )
+    for n in order
+  ]
   rows.append(("total", _fmt(a.total), _fmt(b.total), pct(a.total, b.total)))
   return _render(("layer", *names, "%"), rows)

@@ -19,7 +19,8 @@ names (``"kernel_scale"``, ``"input_min"``); their kinds are listed in :mod:`qat
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 
@@ -72,5 +73,5 @@ def flags(ctx: QuantContext):
   ``observe=False`` freezes its observers. :func:`qatjax.set_quant_flags` and the QAT schedule set
   them, traced, without recompiling.
   """
-  on = lambda: jnp.ones((), jnp.bool_)  # noqa: E731
+  on = lambda: jnp.ones((), jnp.bool_)
   return ctx.stat("enabled", on).value, ctx.stat("observe", on).value

@@ -21,8 +21,13 @@ from qatjax.core.config import ActQuant, WeightQuant
 from qatjax.core.int_kernels import int_conv, quantize_input_int8
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
-from qatjax.ops.quantizers import (quantize_act, quantize_weight, record_act, weight_layout,
-                                    weight_qarray)
+from qatjax.ops.quantizers import (
+  quantize_act,
+  quantize_weight,
+  record_act,
+  weight_layout,
+  weight_qarray,
+)
 from qatjax.ops.registry import act_leaf
 
 
@@ -45,17 +50,24 @@ class ConvGeometry:
   @classmethod
   def of(cls, module, inputs_shape, path: str) -> ConvGeometry:
     """The geometry of a module with ``nn.Conv``'s fields, for inputs of ``inputs_shape``."""
-    ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else \
-        tuple(module.kernel_size)
+    ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
     n = len(ks)
     if not 1 <= n <= 3:
-      raise ValueError(f"layer {path}: kernel_size must have 1 to 3 dims, got "
-                       f"{module.kernel_size!r}")
+      raise ValueError(
+        f"layer {path}: kernel_size must have 1 to 3 dims, got {module.kernel_size!r}"
+      )
     if len(inputs_shape) < n + 1:
-      raise ValueError(f"layer {path}: a {n}-D convolution needs inputs of rank >= {n + 1} "
-                       f"(spatial dims + features), got shape {tuple(inputs_shape)}")
-    return cls(ks, _tuple(module.strides, n), _tuple(module.input_dilation, n),
-               _tuple(module.kernel_dilation, n), canonicalize_padding(module.padding, n))
+      raise ValueError(
+        f"layer {path}: a {n}-D convolution needs inputs of rank >= {n + 1} "
+        f"(spatial dims + features), got shape {tuple(inputs_shape)}"
+      )
+    return cls(
+      ks,
+      _tuple(module.strides, n),
+      _tuple(module.input_dilation, n),
+      _tuple(module.kernel_dilation, n),
+      canonicalize_padding(module.padding, n),
+    )
 
   def pad_special(self, x, value=0):
     """``(x, lax_padding)``: CIRCULAR / REFLECT / CAUSAL padding done on ``x``, as ``nn.Conv``
@@ -80,9 +92,18 @@ class ConvGeometry:
     return lax.padtype_to_pads(spatial_shape, dilated, self.strides, lax_padding)
 
 
-def conv(ctx: QuantContext, inputs, kernel, weight_q: WeightQuant | None,
-         act_q: ActQuant | None, geometry: ConvGeometry, *, feature_group_count: int = 1,
-         precision=None, dtype=None):
+def conv(
+  ctx: QuantContext,
+  inputs,
+  kernel,
+  weight_q: WeightQuant | None,
+  act_q: ActQuant | None,
+  geometry: ConvGeometry,
+  *,
+  feature_group_count: int = 1,
+  precision=None,
+  dtype=None,
+):
   """Quantized convolution of ``inputs`` ``(N, *spatial, C)`` with ``kernel``
   ``(*spatial, C // groups, F)`` (float), or the :class:`QArray` ``convert`` stored.
 
@@ -103,15 +124,23 @@ def conv(ctx: QuantContext, inputs, kernel, weight_q: WeightQuant | None,
         qa = weight_qarray(w, scale, weight_q, layout)
         ctx.record("kernel", qa)
         if layout.group_axis is None:
-          ctx.record("kernel_sum", jnp.sum(qa.unpack().astype(jnp.int32),
-                                           axis=tuple(range(nd + 1))))
+          ctx.record(
+            "kernel_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=tuple(range(nd + 1)))
+          )
         record_act(ctx, act)
   inputs, pad_lax = g.pad_special(inputs)
   inputs, kernel = promote_dtype(inputs, kernel, dtype=dtype)
-  return lax.conv_general_dilated(inputs, kernel, g.strides, pad_lax, lhs_dilation=g.input_dilation,
-                                  rhs_dilation=g.kernel_dilation,
-                                  dimension_numbers=_conv_dimension_numbers(inputs.shape),
-                                  feature_group_count=feature_group_count, precision=precision)
+  return lax.conv_general_dilated(
+    inputs,
+    kernel,
+    g.strides,
+    pad_lax,
+    lhs_dilation=g.input_dilation,
+    rhs_dilation=g.kernel_dilation,
+    dimension_numbers=_conv_dimension_numbers(inputs.shape),
+    feature_group_count=feature_group_count,
+    precision=precision,
+  )
 
 
 def _serve(ctx, inputs, qa: QArray, act_q, g: ConvGeometry, feature_group_count):
@@ -125,15 +154,29 @@ def _serve(ctx, inputs, qa: QArray, act_q, g: ConvGeometry, feature_group_count)
     inputs, s = (qx.astype(jnp.float32) - zx) * s, None
   if s is None:
     x, pad_lax = g.pad_special(inputs)
-    return lax.conv_general_dilated(x, qa.dequantize(), g.strides, pad_lax,
-                                    lhs_dilation=g.input_dilation, rhs_dilation=g.kernel_dilation,
-                                    dimension_numbers=_conv_dimension_numbers(x.shape),
-                                    feature_group_count=feature_group_count)
+    return lax.conv_general_dilated(
+      x,
+      qa.dequantize(),
+      g.strides,
+      pad_lax,
+      lhs_dilation=g.input_dilation,
+      rhs_dilation=g.kernel_dilation,
+      dimension_numbers=_conv_dimension_numbers(x.shape),
+      feature_group_count=feature_group_count,
+    )
   z = ctx.converted(act_leaf("input", "zero_point"))
   qx, zx = quantize_input_int8(inputs, s, z, act_q.qmin, act_q.qmax)
   qx, pad_lax = g.pad_special(qx, value=zx.astype(jnp.int8))
   pads = g.explicit_pads(qx.shape[1:-1], pad_lax)
-  acc = int_conv(qx, zx, qa.unpack(), ctx.converted("kernel_sum"), strides=g.strides, pads=pads,
-                 lhs_dilation=g.input_dilation, rhs_dilation=g.kernel_dilation,
-                 feature_group_count=feature_group_count)
+  acc = int_conv(
+    qx,
+    zx,
+    qa.unpack(),
+    ctx.converted("kernel_sum"),
+    strides=g.strides,
+    pads=pads,
+    lhs_dilation=g.input_dilation,
+    rhs_dilation=g.kernel_dilation,
+    feature_group_count=feature_group_count,
+  )
   return acc.astype(jnp.float32) * (s * qa.scale.reshape(-1 if qa.scale.size > 1 else ()))

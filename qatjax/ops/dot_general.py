@@ -18,25 +18,46 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from qatjax.core.config import ActQuant, WeightQuant
-from qatjax.core.int_kernels import (DotLayout, int_matmul, int_matmul_grouped, int_matmul_nk,
-                                     quantize_input_int8)
+from qatjax.core.int_kernels import (
+  DotLayout,
+  int_matmul,
+  int_matmul_grouped,
+  int_matmul_nk,
+  quantize_input_int8,
+)
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
-from qatjax.ops.quantizers import (quantize_act, quantize_weight, record_act, weight_layout,
-                                    weight_qarray)
+from qatjax.ops.quantizers import (
+  quantize_act,
+  quantize_weight,
+  record_act,
+  weight_layout,
+  weight_qarray,
+)
 from qatjax.ops.registry import act_leaf
 
 
 def canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int):
   """``dot_general`` dimension numbers as tuples of non-negative ints."""
   (lc, rc), (lb, rb) = dimension_numbers
-  norm = lambda axes, nd: tuple(int(a) % nd for a in axes)  # noqa: E731
+  norm = lambda axes, nd: tuple(int(a) % nd for a in axes)
   return ((norm(lc, lhs_ndim), norm(rc, rhs_ndim)), (norm(lb, lhs_ndim), norm(rb, rhs_ndim)))
 
 
-def dot_general(ctx: QuantContext, lhs, rhs, dimension_numbers, weight_q: WeightQuant | None,
-                act_q: ActQuant | None, *, weight: str = "kernel", site: str = "input",
-                group_axis: int | None = None, precision=None, dtype=None):
+def dot_general(
+  ctx: QuantContext,
+  lhs,
+  rhs,
+  dimension_numbers,
+  weight_q: WeightQuant | None,
+  act_q: ActQuant | None,
+  *,
+  weight: str = "kernel",
+  site: str = "input",
+  group_axis: int | None = None,
+  precision=None,
+  dtype=None,
+):
   """Quantized ``lax.dot_general(lhs, rhs, dimension_numbers)``.
 
   Args:
@@ -67,12 +88,14 @@ def dot_general(ctx: QuantContext, lhs, rhs, dimension_numbers, weight_q: Weight
       rhs, scale = quantize_weight(ctx, rhs, weight_q, enabled, layout, weight)
       if ctx.recording:
         perm = DotLayout.of(lhs.shape, w.shape, dims, layout.group_axis).rhs_perm
-        qa = weight_qarray(w, scale, weight_q, layout,
-                           perm=None if perm == tuple(range(w.ndim)) else perm)
+        qa = weight_qarray(
+          w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
+        )
         ctx.record(weight, qa)
         if layout.group_axis is None:
-          ctx.record(f"{weight}_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=dims[0][1],
-                                              keepdims=True))
+          ctx.record(
+            f"{weight}_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=dims[0][1], keepdims=True)
+          )
         record_act(ctx, act, site)
   lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
   return lax.dot_general(lhs, rhs, dims, precision=precision)
@@ -99,8 +122,12 @@ def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
   qx, zx = quantize_input_int8(lhs, s, z, act_q.qmin, act_q.qmax)
   dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis if qa.group_size else None)
   if qa.group_size is not None:
-    y3 = int_matmul_grouped(dl.lhs3(qx), zx, _weight3(qa, dl), dl.rhs_param(qa.scale),
-                            qa.group_size, qa.shape[qa.axis]) * s
+    y3 = (
+      int_matmul_grouped(
+        dl.lhs3(qx), zx, _weight3(qa, dl), dl.rhs_param(qa.scale), qa.group_size, qa.shape[qa.axis]
+      )
+      * s
+    )
     return dl.out(y3)
   ksum = dl.rhs_param(ctx.converted(f"{weight}_sum"))
   sw = dl.rhs_param(qa.scale)
@@ -108,7 +135,8 @@ def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
     ks = ksum.reshape(-1) if ksum.ndim else ksum
     acc = int_matmul_nk(dl.lhs3(qx)[0], zx, qa.values, dl.n, dl.k, qa.packed, ks)[None]
   else:
-    acc = int_matmul(dl.lhs3(qx), zx, _weight3(qa, dl), ksum if ksum.ndim == 0
-                     else jnp.swapaxes(ksum, 1, 2))
+    acc = int_matmul(
+      dl.lhs3(qx), zx, _weight3(qa, dl), ksum if ksum.ndim == 0 else jnp.swapaxes(ksum, 1, 2)
+    )
   sw = sw if sw.ndim == 0 else jnp.swapaxes(sw, 1, 2)
   return dl.out(acc.astype(jnp.float32) * (s * sw))

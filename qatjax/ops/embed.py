@@ -44,13 +44,22 @@ def embed_lookup(ctx: QuantContext, table, ids, weight_q: WeightQuant | None, *,
   return jnp.take(table, ids, axis=0)
 
 
-def embed_attend(ctx: QuantContext, query, table, weight_q: WeightQuant | None,
-                 act_q: ActQuant | None = None, *, precision=None, dtype=None):
+def embed_attend(
+  ctx: QuantContext,
+  query,
+  table,
+  weight_q: WeightQuant | None,
+  act_q: ActQuant | None = None,
+  *,
+  precision=None,
+  dtype=None,
+):
   """``query @ table.T`` with the table quantized as in :func:`embed_lookup` (and the query as
   ``act_q``, if given)."""
   dims = (((query.ndim - 1,), TABLE_CONTRACT), ((), ()))
-  return dot.dot_general(ctx, query, table, dims, weight_q, act_q, weight="embedding",
-                         precision=precision, dtype=dtype)
+  return dot.dot_general(
+    ctx, query, table, dims, weight_q, act_q, weight="embedding", precision=precision, dtype=dtype
+  )
 
 
 def _serve(qa: QArray, ids):

@@ -20,8 +20,14 @@ import jax.numpy as jnp
 
 from qatjax.core import calibration as cal
 from qatjax.core.config import ActQuant, WeightQuant
-from qatjax.core.fake_quant import (broadcast_fake_quant, clamp_scale, fake_quant,
-                                    lsq_fake_quant, lsq_grad_scale, pact)
+from qatjax.core.fake_quant import (
+  broadcast_fake_quant,
+  clamp_scale,
+  fake_quant,
+  lsq_fake_quant,
+  lsq_grad_scale,
+  pact,
+)
 from qatjax.core.granularity import num_groups
 from qatjax.core.qarray import QArray
 from qatjax.core.quantize import broadcast_quantize
@@ -43,7 +49,7 @@ class ActParams:
 
 
 def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
-  zeros = lambda dtype: (lambda: jnp.zeros((), dtype))  # noqa: E731
+  zeros = lambda dtype: lambda: jnp.zeros((), dtype)
   v_min = ctx.stat(act_leaf(site, "min"), zeros(jnp.float32))
   v_max = ctx.stat(act_leaf(site, "max"), zeros(jnp.float32))
   v_cnt = ctx.stat(act_leaf(site, "count"), zeros(jnp.int32))
@@ -60,13 +66,16 @@ def _lsq_input_init(x, spec: ActQuant):
   """LSQ's first-batch init (Esser et al. 2020); affine (LSQ+): the batch's min/max range."""
   x = jnp.asarray(x, jnp.float32)
   if spec.symmetric:
-    return (clamp_scale(2.0 * jnp.mean(jnp.abs(x)) / math.sqrt(spec.qmax)),
-            jnp.zeros((), jnp.float32))
+    return (
+      clamp_scale(2.0 * jnp.mean(jnp.abs(x)) / math.sqrt(spec.qmax)),
+      jnp.zeros((), jnp.float32),
+    )
   return scale_zero_point(jnp.min(x), jnp.max(x), spec.qmin, spec.qmax, symmetric=False)
 
 
-def quantize_act(ctx: QuantContext, x, spec: ActQuant | None, enabled, observe,
-                 site: str = "input"):
+def quantize_act(
+  ctx: QuantContext, x, spec: ActQuant | None, enabled, observe, site: str = "input"
+):
   """Fake-quantizes the activation ``x`` at ``site``; returns ``(y, ActParams or None)``.
 
   ``y`` is ``x`` itself while the layer is disabled or its observer has no range yet.
@@ -79,7 +88,7 @@ def quantize_act(ctx: QuantContext, x, spec: ActQuant | None, enabled, observe,
     y = pact(x, alpha, spec.bits)
     s, z, ready = clamp_scale(alpha) / qmax, jnp.zeros((), jnp.float32), jnp.bool_(True)
   elif spec.method == "lsq":
-    init = lambda: _lsq_input_init(x, spec)  # noqa: E731
+    init = lambda: _lsq_input_init(x, spec)
     s = ctx.param(act_leaf(site, "scale"), lambda: init()[0])
     z = None if spec.symmetric else ctx.param(act_leaf(site, "zero_point"), lambda: init()[1])
     per_example = x.size // x.shape[0] if x.ndim > 1 else x.size
@@ -93,8 +102,9 @@ def quantize_act(ctx: QuantContext, x, spec: ActQuant | None, enabled, observe,
   return jnp.where(enabled & ready, y, x), ActParams(s, z, ready)
 
 
-def record_act(ctx: QuantContext, act: ActParams | None, site: str = "input",
-               calibrated: bool = False) -> None:
+def record_act(
+  ctx: QuantContext, act: ActParams | None, site: str = "input", calibrated: bool = False
+) -> None:
   """Records an activation's frozen scale and zero point for ``convert`` (and, with
   ``calibrated``, whether they are set: a standalone activation quantizer's exporters need it)."""
   if act is None or not ctx.recording:
@@ -150,8 +160,9 @@ def weight_layout(spec: WeightQuant, shape, contract, group_axis: int | None = N
     return WeightLayout(shape, contract, None, None, bshape, (math.prod(bshape),))
   g_axis = contract[-1] if group_axis is None else group_axis % len(shape)
   g = spec.group_size
-  bshape = tuple(num_groups(d, g) if a == g_axis else 1 if a in contract else d
-                 for a, d in enumerate(shape))
+  bshape = tuple(
+    num_groups(d, g) if a == g_axis else 1 if a in contract else d for a, d in enumerate(shape)
+  )
   return WeightLayout(shape, contract, g_axis, g, bshape, bshape)
 
 
@@ -175,7 +186,7 @@ def _abs_reduce(w, layout: WeightLayout, fn):
   pad = [(0, 0)] * a.ndim
   pad[ax] = (0, n * g - a.shape[ax])
   a = jnp.pad(a, pad, constant_values=jnp.nan)
-  a = a.reshape(a.shape[:ax] + (n, g) + a.shape[ax + 1:])
+  a = a.reshape(a.shape[:ax] + (n, g) + a.shape[ax + 1 :])
   axes = tuple(d + (d > ax) for d in layout.contract if d != ax) + (ax + 1,)
   return fn(a, axis=axes, keepdims=True).reshape(layout.bshape)
 
@@ -205,8 +216,14 @@ def lsq_weight_init(w, spec: WeightQuant, layout: WeightLayout):
   return s.reshape(layout.param_shape)
 
 
-def quantize_weight(ctx: QuantContext, w, spec: WeightQuant | None, enabled, layout: WeightLayout,
-                    name: str = "kernel"):
+def quantize_weight(
+  ctx: QuantContext,
+  w,
+  spec: WeightQuant | None,
+  enabled,
+  layout: WeightLayout,
+  name: str = "kernel",
+):
   """Fake-quantizes the weight ``w``; returns ``(y, scale)`` (``scale`` shaped ``bshape``).
 
   ``y`` is ``w`` itself while the layer is disabled.
@@ -216,11 +233,20 @@ def quantize_weight(ctx: QuantContext, w, spec: WeightQuant | None, enabled, lay
   if spec.method == "lsq":
     s = ctx.param(weight_scale(name), lambda: lsq_weight_init(w, spec, layout))
     if jnp.shape(s) != layout.param_shape:
-      raise ValueError(f"layer {ctx.path}: {weight_scale(name)} has shape {jnp.shape(s)}, "
-                       f"expected {layout.param_shape} for {spec.granularity}")
+      raise ValueError(
+        f"layer {ctx.path}: {weight_scale(name)} has shape {jnp.shape(s)}, "
+        f"expected {layout.param_shape} for {spec.granularity}"
+      )
     s = jnp.reshape(s, layout.bshape)
-    y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax, learned=True,
-                             grad_scale=lsq_grad_scale(layout.numel_per_scale, spec.qmax))
+    y = broadcast_fake_quant(
+      w,
+      _expand(s, layout),
+      None,
+      spec.qmin,
+      spec.qmax,
+      learned=True,
+      grad_scale=lsq_grad_scale(layout.numel_per_scale, spec.qmax),
+    )
     s = clamp_scale(s)
   else:
     s = _observer_scale(w, spec, layout)
@@ -231,5 +257,11 @@ def quantize_weight(ctx: QuantContext, w, spec: WeightQuant | None, enabled, lay
 def weight_qarray(w, s, spec: WeightQuant, layout: WeightLayout, perm=None) -> QArray:
   """The integers ``convert`` stores for ``w`` quantized with scale ``s`` (``bshape``)."""
   q = broadcast_quantize(jax.lax.stop_gradient(w), _expand(s, layout), spec.qmin, spec.qmax)
-  return QArray.create(q, jax.lax.stop_gradient(s), bits=spec.bits, axis=layout.group_axis,
-                       group_size=layout.group_size, perm=perm)
+  return QArray.create(
+    q,
+    jax.lax.stop_gradient(s),
+    bits=spec.bits,
+    axis=layout.group_axis,
+    group_size=layout.group_size,
+    perm=perm,
+  )

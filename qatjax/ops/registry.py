@@ -36,16 +36,21 @@ def act_leaf(site: str, what: str) -> str:
 
 # Learned quantizer parameters (in ``params``, trained with their own optimizer).
 QUANTIZER_PARAMS = tuple(weight_scale(w) for w in WEIGHTS) + tuple(
-    act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point", "alpha"))
+  act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point", "alpha")
+)
 
 # Observer statistics (in STATS).
 OBSERVER_STATS = tuple(act_leaf(s, w) for s in ACT_SITES for w in ("min", "max", "count"))
 
 # Leaves that only serve (de)quantization in a converted model: input scales and zero points,
 # the kernels' zero-point correction sums, and the learned quantizer parameters.
-QUANT_METADATA = tuple(dict.fromkeys(
-    QUANTIZER_PARAMS + tuple(f"{w}_sum" for w in WEIGHTS)
-    + tuple(act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point"))))
+QUANT_METADATA = tuple(
+  dict.fromkeys(
+    QUANTIZER_PARAMS
+    + tuple(f"{w}_sum" for w in WEIGHTS)
+    + tuple(act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point"))
+  )
+)
 
 
 def is_quantizer_param(name: str) -> bool:

@@ -29,10 +29,12 @@ def _manager(directory: str, *, read_only: bool):
   log, note_filter = logging.getLogger("absl"), _DropReadOnlyNotes()
   log.addFilter(note_filter)
   try:
-    options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+    options = ocp.CheckpointManagerOptions(
+      read_only=read_only, create=not read_only, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+      directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
   finally:
     log.removeFilter(note_filter)
 
@@ -43,11 +45,17 @@ def _saved_specs(manager, step):
 
 
 def _check_tree(manager, step, state, directory, what):
-  problems = diff_specs(_saved_specs(manager, step), leaf_specs(state),
-                        have_name=f"checkpoint step {step}", want_name=what)
+  problems = diff_specs(
+    _saved_specs(manager, step),
+    leaf_specs(state),
+    have_name=f"checkpoint step {step}",
+    want_name=what,
+  )
   if problems:
-    raise ValueError(f"checkpoint directory {directory} holds a different state tree than "
-                     f"{what}: " + "; ".join(problems))
+    raise ValueError(
+      f"checkpoint directory {directory} holds a different state tree than "
+      f"{what}: " + "; ".join(problems)
+    )
 
 
 def _check_step(step):
@@ -153,8 +161,9 @@ def restore_checkpoint(directory, target_state, step: int | None = None):
       raise ValueError(f"checkpoint directory {directory} holds no checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
-      raise ValueError(f"checkpoint directory {directory} has no step {step} "
-                       f"(it has {sorted(steps)})")
+      raise ValueError(
+        f"checkpoint directory {directory} has no step {step} (it has {sorted(steps)})"
+      )
     _check_tree(manager, step, target_state, directory, "the target state")
     ocp = _orbax()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)

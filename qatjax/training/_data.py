@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -11,13 +11,15 @@ import numpy as np
 def check_arrays(arrays, name: str = "data") -> tuple[np.ndarray, ...]:
   """``arrays`` as a tuple of numpy arrays with one common length (axis 0)."""
   if not isinstance(arrays, (tuple, list)) or not arrays:
-    raise ValueError(f"{name} must be a tuple of arrays (inputs, labels), got "
-                     f"{type(arrays).__name__}")
+    raise ValueError(
+      f"{name} must be a tuple of arrays (inputs, labels), got {type(arrays).__name__}"
+    )
   arrays = tuple(np.asarray(a) for a in arrays)
   lengths = {a.shape[0] if a.ndim else None for a in arrays}
   if len(lengths) != 1 or None in lengths:
-    raise ValueError(f"{name} arrays must share their length along axis 0, got shapes "
-                     f"{[a.shape for a in arrays]}")
+    raise ValueError(
+      f"{name} arrays must share their length along axis 0, got shapes {[a.shape for a in arrays]}"
+    )
   return arrays
 
 
@@ -26,8 +28,9 @@ def _check_batch_size(batch_size):
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def iterate_batches(arrays: Sequence, batch_size: int, *, rng=None,
-                    drop_last: bool = True) -> Iterator[tuple[np.ndarray, ...]]:
+def iterate_batches(
+  arrays: Sequence, batch_size: int, *, rng=None, drop_last: bool = True
+) -> Iterator[tuple[np.ndarray, ...]]:
   """Batches ``(x[i], y[i], ...)`` of ``batch_size`` rows from equal-length arrays.
 
   Args:
@@ -53,7 +56,7 @@ def iterate_batches(arrays: Sequence, batch_size: int, *, rng=None,
     order = np.asarray(jax.random.permutation(rng, n))
   stop = n - n % batch_size if drop_last else n
   for start in range(0, stop, batch_size):
-    idx = order[start:start + batch_size]
+    idx = order[start : start + batch_size]
     yield tuple(a[idx] for a in arrays)
 
 
@@ -64,11 +67,12 @@ def padded_batches(arrays: Sequence, batch_size: int) -> Iterator[tuple[np.ndarr
   _check_batch_size(batch_size)
   n = arrays[0].shape[0]
   for start in range(0, n, batch_size):
-    part = tuple(a[start:start + batch_size] for a in arrays)
+    part = tuple(a[start : start + batch_size] for a in arrays)
     k = part[0].shape[0]
     mask = np.ones((batch_size,), np.float32)
     if k < batch_size:
-      part = tuple(np.concatenate([p, np.zeros((batch_size - k,) + p.shape[1:], p.dtype)])
-                   for p in part)
+      part = tuple(
+        np.concatenate([p, np.zeros((batch_size - k,) + p.shape[1:], p.dtype)]) for p in part
+      )
       mask[k:] = 0
     yield part + (mask,)

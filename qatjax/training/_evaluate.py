@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -45,4 +45,3 @@ def evaluate(state, data: Sequence, *, batch_size: int, eval_step) -> dict[str, 
   out = {k: v / max(total, 1.0) for k, v in sums.items()}
   out["count"] = total
   return out
-

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,8 +15,11 @@ from qatjax.training._plots import plot_history, plot_quantization
 
 
 def _is_arrays(data) -> bool:
-  return (isinstance(data, (tuple, list)) and len(data) > 0
-          and all(isinstance(a, (np.ndarray, jax.Array)) for a in data))
+  return (
+    isinstance(data, (tuple, list))
+    and len(data) > 0
+    and all(isinstance(a, (np.ndarray, jax.Array)) for a in data)
+  )
 
 
 def _batch_len(batch) -> int | None:
@@ -30,9 +34,19 @@ def _mean_metrics(collected: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-def fit(state, train_data, *, epochs: int, batch_size: int, train_step: Callable,
-        eval_step: Callable | None = None, eval_data=None, rng, progress: bool = True,
-        plot_dir: str | None = None) -> tuple[Any, list[dict[str, float]]]:
+def fit(
+  state,
+  train_data,
+  *,
+  epochs: int,
+  batch_size: int,
+  train_step: Callable,
+  eval_step: Callable | None = None,
+  eval_data=None,
+  rng,
+  progress: bool = True,
+  plot_dir: str | None = None,
+) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``state`` for ``epochs`` epochs; returns ``(state, history)``.
 
   Every batch has exactly ``batch_size`` rows (the last incomplete one is dropped), so the train
@@ -93,18 +107,23 @@ def fit(state, train_data, *, epochs: int, batch_size: int, train_step: Callable
     arrays = check_arrays(train_data, "train_data")
     steps_per_epoch = arrays[0].shape[0] // batch_size
     if steps_per_epoch == 0:
-      raise ValueError(f"train_data has {arrays[0].shape[0]} rows, fewer than batch_size="
-                       f"{batch_size}")
+      raise ValueError(
+        f"train_data has {arrays[0].shape[0]} rows, fewer than batch_size={batch_size}"
+      )
   elif callable(train_data):
     source = train_data
   elif isinstance(train_data, Iterable):
     if iter(train_data) is train_data and epochs > 1:
-      raise ValueError("train_data is a one-shot iterator: pass a list, a callable "
-                       "epoch -> iterable, or (x, y) arrays to train more than one epoch")
-    source = lambda epoch: train_data  # noqa: E731
+      raise ValueError(
+        "train_data is a one-shot iterator: pass a list, a callable "
+        "epoch -> iterable, or (x, y) arrays to train more than one epoch"
+      )
+    source = lambda epoch: train_data
   else:
-    raise ValueError(f"train_data must be (x, y) arrays, an iterable of batches or a callable, "
-                     f"got {type(train_data).__name__}")
+    raise ValueError(
+      f"train_data must be (x, y) arrays, an iterable of batches or a callable, "
+      f"got {type(train_data).__name__}"
+    )
 
   start_epoch = int(jax.device_get(state.step)) // steps_per_epoch if steps_per_epoch else 0
   history: list[dict[str, float]] = []
@@ -119,8 +138,13 @@ def fit(state, train_data, *, epochs: int, batch_size: int, train_step: Callable
     every = max(1, (steps_per_epoch or 200) // 20)
     t0 = time.perf_counter()
     collected = []
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}", disable=not progress,
-              unit="step", dynamic_ncols=True) as bar:
+    with tqdm(
+      total=steps_per_epoch,
+      desc=f"epoch {epoch + 1}",
+      disable=not progress,
+      unit="step",
+      dynamic_ncols=True,
+    ) as bar:
       for batch in batches:
         if _batch_len(batch) != batch_size:
           continue  # incomplete (last) batch: a new shape would compile the step again
@@ -132,8 +156,9 @@ def fit(state, train_data, *, epochs: int, batch_size: int, train_step: Callable
         if progress and len(collected) % every == 0:
           bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()})
       if not collected:
-        raise ValueError(f"epoch {epoch + 1}: train_data yielded no batch of batch_size="
-                         f"{batch_size} rows")
+        raise ValueError(
+          f"epoch {epoch + 1}: train_data yielded no batch of batch_size={batch_size} rows"
+        )
       entry = {"epoch": epoch + 1, "step": int(jax.device_get(state.step))}
       entry.update({f"train_{k}": v for k, v in _mean_metrics(collected).items()})
       if eval_data is not None:
@@ -141,8 +166,9 @@ def fit(state, train_data, *, epochs: int, batch_size: int, train_step: Callable
         entry.update({f"eval_{k}": v for k, v in scores.items() if k != "count"})
       entry["seconds"] = time.perf_counter() - t0
       if progress:
-        bar.set_postfix({k: f"{v:.4f}" for k, v in entry.items()
-                         if k.startswith(("train_", "eval_"))})
+        bar.set_postfix(
+          {k: f"{v:.4f}" for k, v in entry.items() if k.startswith(("train_", "eval_"))}
+        )
     history.append(entry)
 
   if plot_dir is not None:

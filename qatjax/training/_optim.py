@@ -28,12 +28,14 @@ def quant_param_labels(params):
     {'Dense_0': {'kernel': 'weights', 'kernel_scale': 'quant'}}
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "quant" if path and is_quantizer_param(key_name(path[-1])) else "weights",
-      params)
+    lambda path, _: "quant" if path and is_quantizer_param(key_name(path[-1])) else "weights",
+    params,
+  )
 
 
-def make_optimizer(weights_tx: optax.GradientTransformation,
-                   quant_tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def make_optimizer(
+  weights_tx: optax.GradientTransformation, quant_tx: optax.GradientTransformation
+) -> optax.GradientTransformation:
   """One optimizer: ``weights_tx`` for weights, ``quant_tx`` for learned quantizer parameters.
 
   Scales usually want a smaller learning rate and no weight decay (decay would shrink the step

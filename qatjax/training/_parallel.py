@@ -125,8 +125,10 @@ def shard_batch(mesh: Mesh, batch):
     shape = np.shape(x)
     name = "batch" + jax.tree_util.keystr(path)
     if not shape or shape[0] % n_dev:
-      raise ValueError(f"{name} has shape {shape}: its batch size (axis 0) must be divisible by "
-                       f"the {n_dev} {where} {mesh.axis_names}")
+      raise ValueError(
+        f"{name} has shape {shape}: its batch size (axis 0) must be divisible by "
+        f"the {n_dev} {where} {mesh.axis_names}"
+      )
     if multi:
       return jax.make_array_from_process_local_data(sharding, np.asarray(x))
     return jax.device_put(x, sharding)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,9 @@ def plot_history(history: Sequence[Mapping[str, Any]], plot_dir: str) -> list[st
   written = []
   epochs = [h["epoch"] for h in history]
   for metric in ("loss", "accuracy"):
-    series = {split: [h.get(f"{split}_{metric}", np.nan) for h in history]
-              for split in ("train", "eval")}
+    series = {
+      split: [h.get(f"{split}_{metric}", np.nan) for h in history] for split in ("train", "eval")
+    }
     series = {k: v for k, v in series.items() if not all(np.isnan(x) for x in v)}
     if not series:
       continue
@@ -96,8 +98,11 @@ def quantization_summary(state, example_input, apply_kwargs: Mapping[str, Any] |
     if not isinstance(qa, QArray):
       continue
     prefix = f"{layer}/" if layer else ""
-    entry = {"weight_scale": np.ravel(np.asarray(qa.scale)), "weight_error": None,
-             "input_scale": export.get(f"{prefix}input_scale")}
+    entry = {
+      "weight_scale": np.ravel(np.asarray(qa.scale)),
+      "weight_error": None,
+      "input_scale": export.get(f"{prefix}input_scale"),
+    }
     w = params.get(f"{prefix}{name}")
     if w is not None:
       w = np.asarray(w, np.float32)
@@ -116,8 +121,9 @@ def _grid(n):
   return math.ceil(n / ncols), ncols
 
 
-def plot_quantization(state, example_input, plot_dir: str,
-                      apply_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+def plot_quantization(
+  state, example_input, plot_dir: str, apply_kwargs: Mapping[str, Any] | None = None
+) -> list[str]:
   """Writes ``weight_scales.png`` and ``quant_error.png``: one histogram per quantized layer.
 
   See :func:`quantization_summary` for the values. Nothing is written for a model without
@@ -138,8 +144,10 @@ def plot_quantization(state, example_input, plot_dir: str,
     return []
   os.makedirs(plot_dir, exist_ok=True)
   written = []
-  for fname, field, xlabel in (("weight_scales.png", "weight_scale", "weight scale"),
-                               ("quant_error.png", "weight_error", "w - dequant(quant(w))")):
+  for fname, field, xlabel in (
+    ("weight_scales.png", "weight_scale", "weight scale"),
+    ("quant_error.png", "weight_error", "w - dequant(quant(w))"),
+  ):
     layers = [(k, v) for k, v in summary.items() if v[field] is not None]
     if not layers:
       continue
@@ -151,10 +159,10 @@ def plot_quantization(state, example_input, plot_dir: str,
       if field == "weight_scale" and entry["input_scale"] is not None:
         title += f"\ninput scale {float(entry['input_scale']):.3g}"
       elif field == "weight_error":
-        title += f"\nRMS {float(np.sqrt(np.mean(values ** 2))):.3g}"
+        title += f"\nRMS {float(np.sqrt(np.mean(values**2))):.3g}"
       ax.set_title(title, fontsize=9)
       ax.set_xlabel(xlabel, fontsize=8)
-    for ax in axes[len(layers):]:
+    for ax in axes[len(layers) :]:
       ax.set_visible(False)
     path = os.path.join(plot_dir, fname)
     fig.savefig(path, dpi=80)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,9 +17,14 @@ def _inputs(batch):
   return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def calibrate(target: TrainState | nn.Module, batches: Iterable, num_batches: int | None = None,
-              *, variables: dict | None = None,
-              apply_kwargs: Mapping[str, Any] | None = None):
+def calibrate(
+  target: TrainState | nn.Module,
+  batches: Iterable,
+  num_batches: int | None = None,
+  *,
+  variables: dict | None = None,
+  apply_kwargs: Mapping[str, Any] | None = None,
+):
   """Post-training quantization: runs forward passes so the observers record activation ranges.
 
   Only ``quant_stats`` is mutable: ``params`` (and ``batch_stats``, ``opt_state``, ``step``)
@@ -61,8 +67,9 @@ def calibrate(target: TrainState | nn.Module, batches: Iterable, num_batches: in
     raise ValueError(f"target must be a TrainState or a flax Module, got {type(target).__name__}")
   if "quant_stats" not in current:
     raise ValueError("calibrate needs a quantized model: the variables have no quant_stats")
-  if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                  or num_batches < 1):
+  if num_batches is not None and (
+    isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+  ):
     raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
   kw = dict(apply_kwargs or {})
 
@@ -79,11 +86,18 @@ def calibrate(target: TrainState | nn.Module, batches: Iterable, num_batches: in
     v = {**v, "quant_stats": forward(v, _inputs(batch))}
     used += 1
   if used == 0 or (num_batches is not None and used < num_batches):
-    raise ValueError(f"batches yielded {used} batches, expected "
-                     f"{num_batches if num_batches is not None else 'at least 1'}")
+    raise ValueError(
+      f"batches yielded {used} batches, expected "
+      f"{num_batches if num_batches is not None else 'at least 1'}"
+    )
   flat = traverse_util.flatten_dict(v["quant_stats"], sep="/")
-  flat.update({k: x for k, x in traverse_util.flatten_dict(original, sep="/").items()
-               if k.rsplit("/", 1)[-1] == "observe"})
+  flat.update(
+    {
+      k: x
+      for k, x in traverse_util.flatten_dict(original, sep="/").items()
+      if k.rsplit("/", 1)[-1] == "observe"
+    }
+  )
   quant_stats = traverse_util.unflatten_dict(flat, sep="/")
   if isinstance(target, TrainState):
     return target.replace(quant_stats=quant_stats)

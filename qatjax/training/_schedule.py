@@ -63,10 +63,11 @@ class QATSchedule:
     """
     step = jnp.asarray(step)
     return {
-        "enabled": None if self.float_steps is None else step >= self.float_steps,
-        "observe": (None if self.freeze_observers_step is None
-                    else step < self.freeze_observers_step),
-        "bn_frozen": None if self.freeze_bn_step is None else step >= self.freeze_bn_step,
+      "enabled": None if self.float_steps is None else step >= self.float_steps,
+      "observe": (
+        None if self.freeze_observers_step is None else step < self.freeze_observers_step
+      ),
+      "bn_frozen": None if self.freeze_bn_step is None else step >= self.freeze_bn_step,
     }
 
   def apply(self, variables: dict, step) -> dict:
@@ -83,6 +84,7 @@ class QATSchedule:
       False
     """
     if "quant_stats" not in variables:
-      raise ValueError("QATSchedule needs a quantized model: the variables have no "
-                       "'quant_stats' collection")
+      raise ValueError(
+        "QATSchedule needs a quantized model: the variables have no 'quant_stats' collection"
+      )
     return set_quant_flags(variables, **self.flags(step))

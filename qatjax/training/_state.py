@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -80,7 +81,7 @@ class TrainState(struct.PyTreeNode):
         out[col] = tree
     return out
 
-  def apply_gradients(self, *, grads, **kwargs) -> "TrainState":
+  def apply_gradients(self, *, grads, **kwargs) -> TrainState:
     """One optimizer update with ``grads``; ``step`` + 1; ``kwargs`` replace other fields.
 
     Example:
@@ -113,9 +114,15 @@ def _init(model, rng, example_input, init_kwargs):
   return _jit_init(model, rng, example_input, kwargs=kwargs)
 
 
-def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, rng,
-                       example_input, *, variables: dict | None = None,
-                       **init_kwargs) -> TrainState:
+def create_train_state(
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  rng,
+  example_input,
+  *,
+  variables: dict | None = None,
+  **init_kwargs,
+) -> TrainState:
   """A :class:`TrainState` for ``model``, from ``model.init`` or from given ``variables``.
 
   Args:
@@ -163,19 +170,29 @@ def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation
     ref = jax.eval_shape(lambda: model.init(rng, example_input, **init_kwargs))
     ref = {c: t for c, t in ref.items() if c not in _IGNORED_COLLECTIONS}
     have = {c: t for c, t in variables.items() if c not in _IGNORED_COLLECTIONS}
-    problems = diff_specs(leaf_specs(nn.unbox(have)), leaf_specs(nn.unbox(ref)),
-                          have_name="the given variables", want_name="the model", dtypes=False)
+    problems = diff_specs(
+      leaf_specs(nn.unbox(have)),
+      leaf_specs(nn.unbox(ref)),
+      have_name="the given variables",
+      want_name="the model",
+      dtypes=False,
+    )
     if problems:
       raise ValueError("variables do not match the model: " + "; ".join(problems))
-  variables = {c: t for c, t in nn.unbox(dict(variables)).items()
-               if c not in _IGNORED_COLLECTIONS}
+  variables = {c: t for c, t in nn.unbox(dict(variables)).items() if c not in _IGNORED_COLLECTIONS}
   unknown = sorted(set(variables) - {"params", *STATE_COLLECTIONS})
   if unknown:
-    raise ValueError(f"the model has collections {unknown} that a TrainState cannot hold "
-                     f"(allowed: params, {', '.join(STATE_COLLECTIONS)})")
+    raise ValueError(
+      f"the model has collections {unknown} that a TrainState cannot hold "
+      f"(allowed: params, {', '.join(STATE_COLLECTIONS)})"
+    )
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=jax.jit(optimizer.init)(params),
-                    quant_stats=variables.get("quant_stats", {}),
-                    batch_stats=variables.get("batch_stats", {}),
-                    apply_fn=ModuleApply(model), tx=optimizer)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=jax.jit(optimizer.init)(params),
+    quant_stats=variables.get("quant_stats", {}),
+    batch_stats=variables.get("batch_stats", {}),
+    apply_fn=ModuleApply(model),
+    tx=optimizer,
+  )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +96,10 @@ class Step:
   def __call__(self, state, batch):
     if not isinstance(batch, (tuple, list)) or not 2 <= len(batch) <= self._max_len:
       allowed = "(inputs, labels)" + (" or (inputs, labels, mask)" if self._max_len == 3 else "")
-      raise ValueError(f"batch must be a tuple {allowed}, got {type(batch).__name__}"
-                       + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+      raise ValueError(
+        f"batch must be a tuple {allowed}, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+      )
     batch = tuple(batch)  # a list and a tuple would be two jit cache entries
     if self.mesh is not None:
       state = replicate(self.mesh, state)
@@ -121,13 +124,24 @@ def _jit(fn, mesh, out_state: bool, donate: bool):
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
   rep = replicated(mesh)
-  return jax.jit(fn, in_shardings=(rep, batch_sharding(mesh)),
-                 out_shardings=(rep, rep) if out_state else rep, donate_argnums=donate_argnums)
+  return jax.jit(
+    fn,
+    in_shardings=(rep, batch_sharding(mesh)),
+    out_shardings=(rep, rep) if out_state else rep,
+    donate_argnums=donate_argnums,
+  )
 
 
-def make_train_step(loss_fn: Callable | None = None, schedule: QATSchedule | None = None, *,
-                    mode: str = "qat", apply_kwargs: Mapping[str, Any] | None = None,
-                    rng=None, mesh: Mesh | None = None, donate: bool = False) -> Step:
+def make_train_step(
+  loss_fn: Callable | None = None,
+  schedule: QATSchedule | None = None,
+  *,
+  mode: str = "qat",
+  apply_kwargs: Mapping[str, Any] | None = None,
+  rng=None,
+  mesh: Mesh | None = None,
+  donate: bool = False,
+) -> Step:
   """A jit-compiled ``train_step(state, (inputs, labels)) -> (new_state, metrics)``.
 
   One step applies the model with the state's collections that change in training
@@ -206,13 +220,23 @@ def make_train_step(loss_fn: Callable | None = None, schedule: QATSchedule | Non
     (_, (metrics, upd)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, **{c: upd[c] for c in mutable}), metrics
 
-  return Step(_jit(step, mesh, True, donate), mesh=mesh, apply_kwargs=kw, schedule=schedule,
-              mode=mode, max_len=2)
+  return Step(
+    _jit(step, mesh, True, donate),
+    mesh=mesh,
+    apply_kwargs=kw,
+    schedule=schedule,
+    mode=mode,
+    max_len=2,
+  )
 
 
-def make_eval_step(loss_fn: Callable | None = None, schedule: QATSchedule | None = None, *,
-                   apply_kwargs: Mapping[str, Any] | None = None,
-                   mesh: Mesh | None = None) -> Step:
+def make_eval_step(
+  loss_fn: Callable | None = None,
+  schedule: QATSchedule | None = None,
+  *,
+  apply_kwargs: Mapping[str, Any] | None = None,
+  mesh: Mesh | None = None,
+) -> Step:
   """A jit-compiled ``eval_step(state, (inputs, labels[, mask])) -> metrics``.
 
   The model runs with every collection immutable: observers use their stored statistics, as
@@ -251,9 +275,14 @@ def make_eval_step(loss_fn: Callable | None = None, schedule: QATSchedule | None
     out = state.apply_fn(variables, x, **kw)
     _, metrics = loss_and_metrics(loss_fn, out, y, mask)
     n = jnp.shape(y)[0]
-    metrics["count"] = (jnp.float32(n) if mask is None
-                        else jnp.sum(jnp.asarray(mask, jnp.float32)))
+    metrics["count"] = jnp.float32(n) if mask is None else jnp.sum(jnp.asarray(mask, jnp.float32))
     return metrics
 
-  return Step(_jit(step, mesh, False, False), mesh=mesh, apply_kwargs=kw, schedule=schedule,
-              mode="eval", max_len=3)
+  return Step(
+    _jit(step, mesh, False, False),
+    mesh=mesh,
+    apply_kwargs=kw,
+    schedule=schedule,
+    mode="eval",
+    max_len=3,
+  )

@@ -21,9 +21,13 @@ def path_str(path) -> str:
 def leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{path: (shape, dtype)}`` of every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {path_str(p): (tuple(np.shape(x)), str(np.dtype(getattr(x, "dtype", None)
-                                                            or np.asarray(x).dtype)))
-          for p, x in leaves}
+  return {
+    path_str(p): (
+      tuple(np.shape(x)),
+      str(np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype)),
+    )
+    for p, x in leaves
+  }
 
 
 def metadata_specs(tree, prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
@@ -45,8 +49,9 @@ def metadata_specs(tree, prefix: str = "") -> dict[str, tuple[tuple[int, ...], s
   return out
 
 
-def diff_specs(have: dict, want: dict, *, have_name: str, want_name: str,
-               dtypes: bool = True, limit: int = 3) -> list[str]:
+def diff_specs(
+  have: dict, want: dict, *, have_name: str, want_name: str, dtypes: bool = True, limit: int = 3
+) -> list[str]:
   """Human-readable differences between two spec dicts (empty when they agree)."""
   problems = []
   for path in want:  # shape / dtype differences first: the most telling
@@ -57,8 +62,9 @@ def diff_specs(have: dict, want: dict, *, have_name: str, want_name: str,
       elif dtypes and hd != wd and "?" not in (hd, wd):
         problems.append(f"{path} has dtype {hd} in {have_name} but {wd} in {want_name}")
   problems += [f"{path} is missing from {have_name}" for path in want if path not in have]
-  problems += [f"{path} is in {have_name} but not in {want_name}" for path in have
-               if path not in want]
+  problems += [
+    f"{path} is in {have_name} but not in {want_name}" for path in have if path not in want
+  ]
   if len(problems) > limit:
     problems = problems[:limit] + [f"... and {len(problems) - limit} more"]
   return problems
