@@ -62,7 +62,7 @@ def plan_einsum(equation: str, lhs_shape, rhs_shape, path: str = "<einsum>") -> 
     >>> from qatjax.ops.einsum import plan_einsum
     >>> p = plan_einsum("btd,dnh->btnh", (2, 5, 8), (8, 4, 2))
     >>> p.dimension_numbers, p.out_perm
-    (((2,), (0,)), ((), ())), None)
+    ((((2,), (0,)), ((), ())), None)
   """
   eq = equation.replace(" ", "")
   if "->" not in eq or eq.count("->") != 1:
