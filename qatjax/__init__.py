@@ -18,7 +18,9 @@ from qatjax.core.rules import QuantRules, rules
 from qatjax.linen.act import QAct
 from qatjax.linen.conv import QConv
 from qatjax.linen.conv_bn import QConvBN
+from qatjax.linen.coverage import coverage
 from qatjax.linen.dense import QDense, QDenseGeneral
+from qatjax.linen.einsum import QEinsum
 from qatjax.linen.embed import QEmbed
 from qatjax.linen.quantize_model import QuantizedModel, quantize_model, rules_report
 from qatjax.model.convert import convert
@@ -52,6 +54,7 @@ __all__ = [
   "QConvBN",
   "QDense",
   "QDenseGeneral",
+  "QEinsum",
   "QEmbed",
   "QuantConfig",
   "QuantRules",
@@ -60,6 +63,7 @@ __all__ = [
   "calibration",
   "compare_sizes",
   "convert",
+  "coverage",
   "dequantize",
   "fake_quant",
   "from_float",

@@ -169,19 +169,6 @@ def test_conv_bad_geometry():
     Net(functools.partial(QConv, 4, (1, 1, 1, 1), config=CFG)).init(
       jax.random.key(0), jnp.ones((1, 2, 2, 2, 2, 2))
     )
-  with pytest.raises(
-    ValueError,
-    match=r"block/head: per_group weights need a single "
-    r"contracting axis, got axis=\(1, 2\)",
-  ):
-    Net(
-      functools.partial(
-        QDenseGeneral,
-        3,
-        axis=(1, 2),
-        config=QuantConfig(weight_granularity="per_group", weight_group_size=2),
-      )
-    ).init(jax.random.key(0), jnp.ones((2, 3, 4)))
 
 
 @pytest.mark.parametrize("config", [None, QuantConfig(4, None)], ids=["float", "quantized"])

@@ -12,6 +12,9 @@ from qatjax.core.ranges import check_bits, qrange
 METHODS = ("observer", "lsq")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 WEIGHT_CALIBRATIONS = ("minmax", "mse")
+ACT_CALIBRATIONS = (*cal.CALIBRATORS, "dynamic")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+DEFAULT_ACT_MOMENTUM = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +41,21 @@ class QuantConfig:
     weight_calibration: ``"minmax"`` or ``"mse"`` (MSE-optimal clipping search) for observer
       weights.
     act_symmetric: symmetric signed activations (zero point 0) instead of affine unsigned.
-    act_calibration: one of ``"ema"``, ``"minmax"``, ``"percentile"``, ``"mse"`` (observer only).
+    act_calibration: one of ``"ema"``, ``"minmax"``, ``"percentile"``, ``"mse"`` (observer
+      statistics in ``quant_stats``), or ``"dynamic"``: the scale (and zero point) is computed
+      from the current tensor on the fly, in training and in the integer model alike, with no
+      state (the LLM recipe; W4A8 = ``QuantConfig(4, 8, act_calibration="dynamic",
+      act_granularity="per_token", ...)``).
     act_momentum: EMA momentum for the activation range (PyTorch's default is 0.01).
     pact: PACT activations (Choi et al. 2018): the input is clipped to a learned ``[0, alpha]``;
       use only where the input is non-negative (after a ReLU). Implies unsigned activations.
     pact_init: initial alpha.
+    act_granularity: ``"per_tensor"``, or ``"per_token"`` (dynamic only): one scale per row of
+      the activation, i.e. per index of the axes the op does not contract.
+    attention_matmuls: for attention modules matched by a rule (``quantize_model``): ``None``
+      (default) quantizes their two activation x activation matmuls (``q.k`` and ``p.v``, both
+      operands with the activation settings) when ``act_bits`` is set; ``False`` keeps them
+      float; ``True`` marks an attention-only rule: it must match attention modules only.
 
   Example:
     >>> cfg = QuantConfig(weight_bits=4, act_bits=4, method="lsq")
@@ -62,6 +75,8 @@ class QuantConfig:
   act_momentum: float = 0.01
   pact: bool = False
   pact_init: float = 6.0
+  act_granularity: str = "per_tensor"
+  attention_matmuls: bool | None = None
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -71,7 +86,9 @@ class QuantConfig:
     _check_choice("method", self.method, METHODS)
     _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
     _check_choice("weight_calibration", self.weight_calibration, WEIGHT_CALIBRATIONS)
-    _check_choice("act_calibration", self.act_calibration, cal.CALIBRATORS)
+    _check_choice("act_calibration", self.act_calibration, ACT_CALIBRATIONS)
+    _check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
+    self._check_dynamic()
     if (self.weight_granularity == "per_group") != (self.weight_group_size is not None):
       raise ValueError(
         "weight_group_size must be set exactly when weight_granularity='per_group'"
@@ -99,6 +116,22 @@ class QuantConfig:
       raise ValueError(
         "QuantConfig quantizes nothing (weight_bits=None and act_bits=None); "
         "map the layer to None in the rules to keep it float"
+      )
+
+  def _check_dynamic(self):
+    if self.act_calibration != "dynamic":
+      if self.act_granularity != "per_tensor":
+        raise ValueError(
+          f"act_granularity={self.act_granularity!r} needs act_calibration='dynamic' (static "
+          f"activation scales are per tensor), got act_calibration={self.act_calibration!r}"
+        )
+      return
+    observer_only = {"pact": self.pact, "act_momentum": self.act_momentum != DEFAULT_ACT_MOMENTUM}
+    bad = [name for name, is_set in observer_only.items() if is_set]
+    if bad:
+      raise ValueError(
+        f"act_calibration='dynamic' computes scales from each tensor and cannot be combined with "
+        f"{bad[0]}={getattr(self, bad[0])!r} (a setting of calibrated or learned activations)"
       )
 
   @property
@@ -155,9 +188,18 @@ class QuantConfig:
       return None
     qmin, qmax = self.act_range
     method = "pact" if self.pact else self.method
+    if self.act_calibration == "dynamic":
+      method = "dynamic"
     calibrator = _act_calibrator(self, qmin, qmax) if method == "observer" else None
     return ActQuant(
-      self.act_bits, qmin, qmax, self.act_symmetric, method, calibrator, self.pact_init
+      self.act_bits,
+      qmin,
+      qmax,
+      self.act_symmetric,
+      method,
+      calibrator,
+      self.pact_init,
+      self.act_granularity,
     )
 
 
@@ -213,10 +255,11 @@ class ActQuant:
     qmin: smallest integer.
     qmax: largest integer.
     symmetric: zero point fixed (0 for a signed range).
-    method: ``"observer"`` (calibrated range state), ``"lsq"`` (learned step and offset) or
-      ``"pact"`` (learned clipping level).
+    method: ``"observer"`` (calibrated range state), ``"lsq"`` (learned step and offset),
+      ``"pact"`` (learned clipping level) or ``"dynamic"`` (from each tensor, no state).
     calibrator: the observer's range tracker (``method="observer"``), else ``None``.
     pact_init: PACT's initial clipping level.
+    granularity: ``"per_tensor"`` or ``"per_token"`` (one scale per row; dynamic only).
   """
 
   bits: int
@@ -226,3 +269,4 @@ class ActQuant:
   method: str
   calibrator: cal.Calibrator | None = dataclasses.field(compare=False, repr=False)
   pact_init: float
+  granularity: str = "per_tensor"

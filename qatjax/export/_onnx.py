@@ -49,10 +49,10 @@ from qatjax.core.rules import resolve
 from qatjax.linen.act import QAct
 from qatjax.linen.context import module_path
 from qatjax.linen.conv import QConv
-from qatjax.linen.conv import conv as conv_forward
+from qatjax.linen.conv import conv_call as conv_forward
 from qatjax.linen.conv_bn import QConvBN
 from qatjax.linen.dense import QDense, QDenseGeneral
-from qatjax.linen.dense import dense as dense_forward
+from qatjax.linen.dense import dense_call as dense_forward
 from qatjax.linen.embed import QEmbed
 from qatjax.linen.quantize_model import QuantizedModel
 from qatjax.ops.conv import ConvGeometry

@@ -107,7 +107,7 @@ class LinenContext(QuantContext):
     return scope.get_variable("params", name) if scope.has_variable("params", name) else None
 
 
-def weight(module, name: str, init, shape, dtype, *, check: Callable | None = None):
+def weight_param(module, name: str, init, shape, dtype, *, check: Callable | None = None):
   """The layer's weight ``name``: a converted :class:`QArray` if ``convert`` stored one, else
   ``module.param(name, init, shape, dtype)``.
 

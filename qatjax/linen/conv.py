@@ -12,14 +12,14 @@ import jax.numpy as jnp
 from qatjax.core.config import QuantConfig
 from qatjax.core.qarray import QArray
 from qatjax.core.rules import QuantRules, resolve
-from qatjax.linen.context import LinenContext, module_path, weight
+from qatjax.linen.context import LinenContext, module_path, weight_param
 from qatjax.ops import conv as ops_conv
 from qatjax.ops.conv import ConvGeometry
 
 default_kernel_init = nn.initializers.lecun_normal()
 
 
-def conv(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
+def conv_call(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
   """``nn.Conv.__call__`` with quantization, on any bound module with Conv's fields.
 
   ``kernel_transform(kernel) -> (kernel, post)`` lets ``QConvBN`` fold BatchNorm into the kernel
@@ -48,7 +48,7 @@ def conv(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
         f"{kernel_shape}, but the stored kernel is {stored}"
       )
 
-  kernel = weight(m, "kernel", m.kernel_init, kernel_shape, m.param_dtype, check=check)
+  kernel = weight_param(m, "kernel", m.kernel_init, kernel_shape, m.param_dtype, check=check)
   post = None
   if isinstance(kernel, QArray):
     bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
@@ -119,4 +119,4 @@ class QConv(nn.Module):
   @nn.compact
   def __call__(self, inputs):
     """Applies the (quantized) convolution to ``inputs`` of shape ``(*batch, *spatial, C)``."""
-    return conv(self, inputs, resolve(self.config, module_path(self)))
+    return conv_call(self, inputs, resolve(self.config, module_path(self)))

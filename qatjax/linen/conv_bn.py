@@ -13,7 +13,7 @@ from qatjax.core.config import QuantConfig
 from qatjax.core.qarray import QArray
 from qatjax.core.rules import QuantRules, resolve
 from qatjax.linen.context import LinenContext, module_path
-from qatjax.linen.conv import conv
+from qatjax.linen.conv import conv_call
 from qatjax.ops.registry import STATS
 
 
@@ -75,7 +75,7 @@ class QConvBN(nn.Module):
     if self.has_variable("params", "kernel") and isinstance(
       self.get_variable("params", "kernel"), QArray
     ):
-      return conv(self, x, cfg)  # BN already folded into the integer kernel and the bias
+      return conv_call(self, x, cfg)  # BN already folded into the integer kernel and the bias
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     n = self.features
     gamma = self.param("bn_scale", self.scale_init, (n,), self.param_dtype)
@@ -93,7 +93,7 @@ class QConvBN(nn.Module):
       )
       return kernel * f, lambda y: y / f_safe
 
-    y = conv(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b
+    y = conv_call(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b
     running = (y - ra_mean.value) * f + beta
     if use_ra:
       out = running

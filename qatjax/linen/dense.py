@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from qatjax.core.config import QuantConfig
 from qatjax.core.rules import QuantRules, resolve
-from qatjax.linen.context import LinenContext, module_path, weight
+from qatjax.linen.context import LinenContext, module_path, weight_param
 from qatjax.ops import dot_general as dot
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -36,14 +36,21 @@ def _shape_check(module, inputs_part, what):
   return check
 
 
+def float_dot(m):
+  """The ``dot_general`` a Flax layer's fields ask for (``dot_general_cls`` / ``dot_general``),
+  or ``None`` (``lax.dot_general``): it multiplies the fake-quantized operands."""
+  cls = getattr(m, "dot_general_cls", None)
+  return cls() if cls is not None else getattr(m, "dot_general", None)
+
+
 def _add_bias(y, bias):
   return y if bias is None else y + jnp.asarray(bias, y.dtype)
 
 
-def dense(m, inputs, cfg: QuantConfig | None):
+def dense_call(m, inputs, cfg: QuantConfig | None):
   """``nn.Dense.__call__`` with quantization, on any bound module with Dense's fields."""
   k_in = jnp.shape(inputs)[-1]
-  kernel = weight(
+  kernel = weight_param(
     m,
     "kernel",
     m.kernel_init,
@@ -60,6 +67,7 @@ def dense(m, inputs, cfg: QuantConfig | None):
     *_specs(cfg),
     precision=m.precision,
     dtype=m.dtype,
+    float_dot=float_dot(m),
   )
   return _add_bias(y, bias)
 
@@ -69,34 +77,54 @@ def _canon_axes(axes, ndim):
   return tuple(sorted(a % ndim for a in axes))  # sorted, as nn.DenseGeneral (_normalize_axes)
 
 
-def dense_general(m, inputs, cfg: QuantConfig | None):
-  """``nn.DenseGeneral.__call__`` (without ``batch_dims``) with quantization."""
+def dense_general_call(m, inputs, cfg: QuantConfig | None):
+  """``nn.DenseGeneral.__call__`` with quantization, on any module with DenseGeneral's fields.
+
+  The kernel ``batch_shape + in_shape + features`` keeps its shape; ``batch_dims`` (leading,
+  consecutive, as Flax requires) are ``dot_general`` batch dimensions.
+  """
   features = (m.features,) if isinstance(m.features, int) else tuple(m.features)
-  axis = _canon_axes(m.axis, inputs.ndim)
-  in_shape = tuple(inputs.shape[a] for a in axis)
-  if cfg is not None and cfg.weight_granularity == "per_group" and len(axis) != 1:
+  batch_dims = _canon_axes(getattr(m, "batch_dims", ()), inputs.ndim)
+  if batch_dims != tuple(range(len(batch_dims))):
     raise ValueError(
-      f"layer {module_path(m)}: per_group weights need a single contracting "
-      f"axis, got axis={m.axis!r}"
+      f"layer {module_path(m)}: batch_dims {m.batch_dims!r} must be consecutive leading "
+      "dimensions starting from 0"
     )
-  k_in, k_out = math.prod(in_shape), math.prod(features)
+  axis = _canon_axes(m.axis, inputs.ndim)
+  nb, na = len(batch_dims), len(axis)
+  batch_shape = tuple(inputs.shape[a] for a in batch_dims)
+  in_shape = tuple(inputs.shape[a] for a in axis)
+  k_in, k_out = math.prod(batch_shape) * math.prod(in_shape), math.prod(features)
 
   def kernel_init(rng, shape, dtype):
     return m.kernel_init(rng, (k_in, k_out), dtype).reshape(shape)
 
-  kernel = weight(
+  def bias_init(rng, shape, dtype):
+    return m.bias_init(rng, (math.prod(shape),), dtype).reshape(shape)
+
+  kernel = weight_param(
     m,
     "kernel",
     kernel_init,
-    in_shape + features,
+    batch_shape + in_shape + features,
     m.param_dtype,
-    check=_shape_check(m, in_shape, "input shape"),
+    check=_shape_check(m, batch_shape + in_shape, "input shape"),
   )
-  bias = m.param("bias", m.bias_init, features, m.param_dtype) if m.use_bias else None
-  dims = ((axis, tuple(range(len(axis)))), ((), ()))
+  bias = m.param("bias", bias_init, batch_shape + features, m.param_dtype) if m.use_bias else None
+  dims = ((axis, tuple(range(nb, nb + na))), (batch_dims, tuple(range(nb))))
   y = dot.dot_general(
-    LinenContext(m), inputs, kernel, dims, *_specs(cfg), precision=m.precision, dtype=m.dtype
+    LinenContext(m),
+    inputs,
+    kernel,
+    dims,
+    *_specs(cfg),
+    precision=m.precision,
+    dtype=m.dtype,
+    float_dot=float_dot(m),
   )
+  if bias is not None and nb:  # broadcast over the free input dims: batch first, as dot_general
+    free = [inputs.shape[a] if a in batch_dims else 1 for a in range(inputs.ndim) if a not in axis]
+    bias = jnp.reshape(bias, tuple(free) + features)
   return _add_bias(y, bias)
 
 
@@ -137,7 +165,7 @@ class QDense(nn.Module):
   @nn.compact
   def __call__(self, inputs):
     """Applies the (quantized) linear transformation to the last axis of ``inputs``."""
-    return dense(self, inputs, resolve(self.config, module_path(self)))
+    return dense_call(self, inputs, resolve(self.config, module_path(self)))
 
 
 class QDenseGeneral(nn.Module):
@@ -145,12 +173,13 @@ class QDenseGeneral(nn.Module):
 
   The kernel keeps its shape (``in_shape + features``) in training and after
   :func:`qatjax.convert`. Weights get one scale per output element of ``features`` (per-channel)
-  or one per tensor; per-group scales need a single contracting ``axis``. ``batch_dims`` is not
-  supported.
+  or one per tensor; per-group scales run along the last contracted input axis (any number of
+  contracted axes).
 
   Attributes:
     features: int or tuple of output feature dims.
     axis: int or tuple of input axes to contract.
+    batch_dims: leading input axes the kernel has one slice per (as ``nn.DenseGeneral``).
     config: a :class:`QuantConfig`, :class:`QuantRules` or ``None``.
     use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as ``nn.DenseGeneral``.
 
@@ -164,6 +193,7 @@ class QDenseGeneral(nn.Module):
 
   features: int | Sequence[int]
   axis: int | Sequence[int] = -1
+  batch_dims: Sequence[int] = ()
   config: QuantConfig | QuantRules | None = None
   use_bias: bool = True
   dtype: Any = None
@@ -175,4 +205,4 @@ class QDenseGeneral(nn.Module):
   @nn.compact
   def __call__(self, inputs):
     """Contracts ``axis`` of ``inputs`` with the (quantized) kernel."""
-    return dense_general(self, inputs, resolve(self.config, module_path(self)))
+    return dense_general_call(self, inputs, resolve(self.config, module_path(self)))

@@ -11,23 +11,11 @@ import jax
 from qatjax.core.config import QuantConfig
 from qatjax.core.rules import QuantRules
 from qatjax.core.rules import rules as make_rules
+from qatjax.linen.attention import check_attention_rule, is_quantized_attention
 from qatjax.linen.context import module_path
-from qatjax.linen.conv import conv
-from qatjax.linen.dense import dense
+from qatjax.linen.flax_layers import find_layer
 
-# The Flax layers quantize_model runs quantized: module type -> (kind, quantized __call__).
-LAYERS = {nn.Dense: ("dense", dense), nn.Conv: ("conv", conv)}
-
-
-def layer_kind(module) -> str | None:
-  """The registry kind of a Flax layer that :func:`quantize_model` quantizes, else ``None``."""
-  entry = LAYERS.get(type(module))
-  return None if entry is None else entry[0]
-
-
-def _forward_for(module):
-  entry = LAYERS.get(type(module))
-  return None if entry is None else entry[1]
+_INIT_ONLY = ("method", "mutable", "capture_intermediates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +29,14 @@ class _FloatModel:
 
 class QuantizedModel(nn.Module):
   """A float Flax model whose layers run quantized (see :func:`quantize_model`). Its variable
-  tree is the float model's plus quantizer state; ``model`` and ``rules`` are what it wraps."""
+  tree is the float model's plus quantizer state; ``model`` and ``rules`` are what it wraps.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> qm = quantize_model(nn.Dense(3), QuantConfig(8, 8))
+    >>> isinstance(qm, QuantizedModel), type(qm.model).__name__
+    (True, 'Dense')
+  """
 
   wrapped: _FloatModel
   rules: QuantRules
@@ -60,23 +55,24 @@ class QuantizedModel(nn.Module):
 
   def run(self, method: str, *args, **kwargs):
     """Calls the wrapped model's ``method`` with its layers quantized by the rules."""
-    matched: dict[str, list[str]] = {}
+    matched: dict[str, set[str]] = {}
     rules = self.rules
 
     def interceptor(next_fun, a, kw, context):
       m = context.module
-      forward = _forward_for(m)
-      if context.method_name != "__call__" or forward is None:
+      layer = find_layer(m)
+      handler = None if layer is None else layer.methods.get(context.method_name)
+      if handler is None or is_quantized_attention(m):
         return next_fun(*a, **kw)
       path = self.layer_path(m)
       pattern, cfg = rules.match(path)
+      check_attention_rule(m, cfg, pattern)
       if pattern is not None:
-        matched.setdefault(pattern, []).append(path)
+        matched.setdefault(pattern, set()).add(path)
       if cfg is None:
         return next_fun(*a, **kw)
-      if getattr(m, "dot_general", None) is not None or getattr(m, "dot_general_cls", None):
-        raise ValueError(f"layer {path}: a custom dot_general cannot be quantized")
-      return forward(m, *a, cfg, **kw)
+      out = handler(m, cfg, a, kw)
+      return next_fun(*a, **kw) if out is NotImplemented else out
 
     inner = self.model.clone(parent=self.scope, _deep_clone=True)
     with nn.intercept_methods(interceptor):
@@ -85,23 +81,49 @@ class QuantizedModel(nn.Module):
       unmatched = [p for p, _ in rules.patterns if p not in matched]
       if unmatched:
         warnings.warn(
-          f"quantize_model: rules {unmatched} matched no nn.Dense / nn.Conv layer", stacklevel=2
+          f"quantize_model: rules {unmatched} matched no quantizable layer", stacklevel=2
         )
     return out
 
+  def init(self, rngs, *args, **kwargs):
+    """``nn.Module.init``, then a warning naming every matmul, convolution or table lookup that
+    stays float inside a layer a rule asked to quantize (see :func:`qatjax.coverage`)."""
+    variables = super().init(rngs, *args, **kwargs)
+    if kwargs.get("method") is None:
+      from qatjax.linen.coverage import coverage
+
+      call_kwargs = {k: v for k, v in kwargs.items() if k not in _INIT_ONLY}
+      report = coverage(self, *args, variables=variables, **call_kwargs)
+      missed = [s for s in report.float_sites if s.requested]
+      if missed:
+        listed = "; ".join(f"{s.path} {s.op} {s.shapes}: {s.reason}" for s in missed)
+        warnings.warn(
+          f"quantize_model: these ops stay float in matched layers: {listed}", stacklevel=2
+        )
+    return variables
+
 
 def quantize_model(model: nn.Module, rules: QuantRules | QuantConfig | dict) -> QuantizedModel:
-  """Runs an unmodified float model's ``nn.Dense`` / ``nn.Conv`` layers as quantized layers.
+  """Runs an unmodified float Flax model's layers as quantized layers.
 
-  Uses Flax's method interception (``nn.intercept_methods``) around this model's calls only; no
-  ``lax`` function is patched. The parameter tree is the float model's, plus quantizer state, so
-  float checkpoints load with :func:`from_float`. A rule's regex must match a layer's whole path
-  in the variable tree (``"Dense_0"``, ``"block/Conv_1"``; ``re.fullmatch``, see
-  :func:`qatjax.rules`); rules that match no layer are reported with a warning at ``init``, and
-  :func:`rules_report` lists the matches.
+  Quantized: ``nn.Dense``, ``nn.DenseGeneral`` (also the projections inside attention),
+  ``nn.Einsum``, ``nn.Conv``, ``nn.Embed`` (the lookup, and ``attend`` for tied output heads)
+  and, when a rule matches an attention module (``nn.MultiHeadDotProductAttention``,
+  ``nn.SelfAttention``), its two activation x activation matmuls ``q.k`` and ``p.v``. Subclasses
+  of these are handled like them; ``dtype``, ``precision`` and a layer's own ``dot_general`` are
+  respected. Anything else that multiplies (a raw ``x @ w`` in user code) stays float:
+  :func:`qatjax.coverage` lists every matmul with its config or why it is float, and ``init``
+  warns about float ops inside layers a rule matched.
+
+  Uses Flax's method interception (``nn.intercept_methods``) around this model's calls only, and
+  Flax's own attention einsum hook; no JAX function is patched. The parameter tree is the float
+  model's, plus quantizer state, so float checkpoints load with :func:`from_float`. A rule's
+  regex must match a layer's whole path in the variable tree (``"Dense_0"``, ``"block/Conv_1"``;
+  ``re.fullmatch``, see :func:`qatjax.rules`); rules that match no layer are reported with a
+  warning at ``init``, and :func:`rules_report` lists the matches.
 
   Args:
-    model: a Flax Linen module using ``nn.Dense`` / ``nn.Conv``.
+    model: a Flax Linen module.
     rules: a :class:`QuantRules`, a ``{regex: QuantConfig or None}`` mapping, or one
       :class:`QuantConfig` for every layer.
 
@@ -145,7 +167,7 @@ def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[str]]
   matched = {p: [] for p, _ in model.rules.patterns}
 
   def interceptor(next_fun, a, kw, context):
-    if context.method_name == "__call__" and _forward_for(context.module) is not None:
+    if context.method_name == "__call__" and find_layer(context.module) is not None:
       path = module_path(context.module)
       pattern, _ = model.rules.match(path)
       if pattern is not None and path not in matched[pattern]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import traverse_util
 
-from qatjax.ops.registry import ACT_SITES, RECORD, STATS, WEIGHTS, act_leaf
+from qatjax.ops.registry import ACT_SITES, CONVERTED_MARKERS, RECORD, STATS, act_leaf
 
 
 def _flat(tree):
@@ -69,7 +69,7 @@ def convert(model, variables, *args, **kwargs) -> dict:
   variables = dict(variables)
   _, recorded = model.apply(variables, *args, mutable=[RECORD], **kwargs)
   record = _flat(recorded.get(RECORD, {}))
-  layers = sorted({k[:-1] for k in record if k[-1] in WEIGHTS})
+  layers = sorted({k[:-1] for k in record if k[-1] in CONVERTED_MARKERS})
   params = _flat(variables["params"])
   stats = _flat(variables.get(STATS, {}))
   for layer in layers:

@@ -21,14 +21,15 @@ from qatjax.core.config import ActQuant, WeightQuant
 from qatjax.core.int_kernels import int_conv, quantize_input_int8
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
+from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.quantizers import (
   quantize_act,
   quantize_weight,
   record_act,
+  serving_act_params,
   weight_layout,
   weight_qarray,
 )
-from qatjax.ops.registry import act_leaf
 
 
 def _tuple(x, n):
@@ -110,9 +111,17 @@ def conv(
   Returns the output ``(N, *spatial', F)`` without a bias.
   """
   g = geometry
+  if act_q is not None and act_q.granularity == "per_token":
+    raise ValueError(
+      f"layer {ctx.path}: a convolution's activations can be quantized per tensor only, got "
+      "act_granularity='per_token'"
+    )
   if isinstance(kernel, QArray):
-    return _serve(ctx, inputs, kernel, act_q, g, feature_group_count)
-  if weight_q is not None or act_q is not None:
+    with op_scope(describe(weight_q, act_q, integer=act_q is not None) or "weight-only"):
+      return _serve(ctx, inputs, kernel, act_q, g, feature_group_count)
+  if weight_q is None and act_q is None:
+    return _float_conv(inputs, kernel, g, feature_group_count, precision, dtype)
+  with op_scope(describe(weight_q, act_q)):
     enabled, observe = flags(ctx)
     inputs, act = quantize_act(ctx, inputs, act_q, enabled, observe)
     if weight_q is not None:
@@ -128,6 +137,10 @@ def conv(
             "kernel_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=tuple(range(nd + 1)))
           )
         record_act(ctx, act)
+    return _float_conv(inputs, kernel, g, feature_group_count, precision, dtype)
+
+
+def _float_conv(inputs, kernel, g: ConvGeometry, feature_group_count, precision, dtype):
   inputs, pad_lax = g.pad_special(inputs)
   inputs, kernel = promote_dtype(inputs, kernel, dtype=dtype)
   return lax.conv_general_dilated(
@@ -145,14 +158,13 @@ def conv(
 
 def _serve(ctx, inputs, qa: QArray, act_q, g: ConvGeometry, feature_group_count):
   """Integer inference for a converted kernel (without the bias)."""
-  s = ctx.converted(act_leaf("input", "scale")) if act_q is not None else None
-  if s is not None and qa.group_size is not None:
+  params = serving_act_params(ctx, inputs, act_q, "input", None)
+  if params is not None and qa.group_size is not None:
     # Per-group scales vary along the contraction: no single int32 correction exists, so the
     # quantized input and kernel are dequantized and convolved in float (same values).
-    z = ctx.converted(act_leaf("input", "zero_point"))
-    qx, zx = quantize_input_int8(inputs, s, z, act_q.qmin, act_q.qmax)
-    inputs, s = (qx.astype(jnp.float32) - zx) * s, None
-  if s is None:
+    qx, zx = quantize_input_int8(inputs, *params, act_q.qmin, act_q.qmax)
+    inputs, params = (qx.astype(jnp.float32) - zx) * params[0], None
+  if params is None:
     x, pad_lax = g.pad_special(inputs)
     return lax.conv_general_dilated(
       x,
@@ -164,8 +176,8 @@ def _serve(ctx, inputs, qa: QArray, act_q, g: ConvGeometry, feature_group_count)
       dimension_numbers=_conv_dimension_numbers(x.shape),
       feature_group_count=feature_group_count,
     )
-  z = ctx.converted(act_leaf("input", "zero_point"))
-  qx, zx = quantize_input_int8(inputs, s, z, act_q.qmin, act_q.qmax)
+  s = jnp.reshape(params[0], ())
+  qx, zx = quantize_input_int8(inputs, s, jnp.reshape(params[1], ()), act_q.qmin, act_q.qmax)
   qx, pad_lax = g.pad_special(qx, value=zx.astype(jnp.int8))
   pads = g.explicit_pads(qx.shape[1:-1], pad_lax)
   acc = int_conv(

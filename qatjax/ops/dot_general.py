@@ -27,14 +27,15 @@ from qatjax.core.int_kernels import (
 )
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
+from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.quantizers import (
   quantize_act,
   quantize_weight,
   record_act,
+  serving_act_params,
   weight_layout,
   weight_qarray,
 )
-from qatjax.ops.registry import act_leaf
 
 
 def canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int):
@@ -57,6 +58,7 @@ def dot_general(
   group_axis: int | None = None,
   precision=None,
   dtype=None,
+  float_dot=None,
 ):
   """Quantized ``lax.dot_general(lhs, rhs, dimension_numbers)``.
 
@@ -72,33 +74,45 @@ def dot_general(
     group_axis: the contracted weight axis the groups run along (default: the last contracted).
     precision: as ``lax.dot_general``'s (float paths).
     dtype: the computation dtype (``None``: promoted from the operands), as Flax's layers.
+    float_dot: the ``dot_general`` that multiplies the (fake-quantized) float operands; default
+      ``lax.dot_general`` (a layer's own ``dot_general`` field is respected this way).
 
   Returns:
     The product, shaped as ``lax.dot_general``'s.
   """
   dims = canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
   if isinstance(rhs, QArray):
-    return _serve(ctx, lhs, rhs, dims, act_q, weight, site)
-  if weight_q is not None or act_q is not None:
+    with op_scope(describe(weight_q, act_q, integer=act_q is not None) or "weight-only"):
+      return _serve(ctx, lhs, rhs, dims, act_q, weight, site)
+  float_dot = lax.dot_general if float_dot is None else float_dot
+  if weight_q is None and act_q is None:
+    lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
+    return float_dot(lhs, rhs, dims, precision=precision)
+  with op_scope(describe(weight_q, act_q)):
     enabled, observe = flags(ctx)
-    lhs, act = quantize_act(ctx, lhs, act_q, enabled, observe, site)
+    lhs, act = quantize_act(ctx, lhs, act_q, enabled, observe, site, dims[0][0])
     if weight_q is not None:
       layout = weight_layout(weight_q, rhs.shape, dims[0][1], group_axis)
       w = rhs
       rhs, scale = quantize_weight(ctx, rhs, weight_q, enabled, layout, weight)
       if ctx.recording:
-        perm = DotLayout.of(lhs.shape, w.shape, dims, layout.group_axis).rhs_perm
-        qa = weight_qarray(
-          w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
-        )
-        ctx.record(weight, qa)
-        if layout.group_axis is None:
-          ctx.record(
-            f"{weight}_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=dims[0][1], keepdims=True)
-          )
+        _record(ctx, lhs.shape, w, scale, weight_q, layout, dims, weight)
         record_act(ctx, act, site)
-  lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
-  return lax.dot_general(lhs, rhs, dims, precision=precision)
+    lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
+    return float_dot(lhs, rhs, dims, precision=precision)
+
+
+def _record(ctx, lhs_shape, w, scale, weight_q, layout, dims, weight):
+  """What ``convert`` stores: the integers in the kernel's read order, and their sums."""
+  perm = DotLayout.of(lhs_shape, w.shape, dims, layout.group_axis).rhs_perm
+  qa = weight_qarray(
+    w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
+  )
+  ctx.record(weight, qa)
+  if layout.group_axis is None:
+    ctx.record(
+      f"{weight}_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=dims[0][1], keepdims=True)
+    )
 
 
 def _is_canonical(qa: QArray, dl: DotLayout) -> bool:
@@ -115,28 +129,25 @@ def _weight3(qa: QArray, dl: DotLayout):
 
 def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
   """Integer serving of a converted weight (the bias is the layer's)."""
-  s = ctx.converted(act_leaf(site, "scale")) if act_q is not None else None
-  if s is None:  # weight-only: dequantize the weight, float product
+  params = serving_act_params(ctx, lhs, act_q, site, dims[0][0])
+  if params is None:  # weight-only: dequantize the weight, float product
     return lax.dot_general(lhs, qa.dequantize(), dims)
-  z = ctx.converted(act_leaf(site, "zero_point"))
-  qx, zx = quantize_input_int8(lhs, s, z, act_q.qmin, act_q.qmax)
   dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis if qa.group_size else None)
+  qx, zx = quantize_input_int8(lhs, *params, act_q.qmin, act_q.qmax)
+  s, zx = dl.lhs_param(params[0]), dl.lhs_param(zx)  # scalars, or (B, M, 1) per token
+  x3 = dl.lhs3(qx)
   if qa.group_size is not None:
-    y3 = (
-      int_matmul_grouped(
-        dl.lhs3(qx), zx, _weight3(qa, dl), dl.rhs_param(qa.scale), qa.group_size, qa.shape[qa.axis]
-      )
-      * s
+    y3 = int_matmul_grouped(
+      x3, zx, _weight3(qa, dl), dl.rhs_param(qa.scale), qa.group_size, qa.shape[qa.axis]
     )
-    return dl.out(y3)
+    return dl.out(y3 * s)
   ksum = dl.rhs_param(ctx.converted(f"{weight}_sum"))
   sw = dl.rhs_param(qa.scale)
   if dl.b == 1 and _is_canonical(qa, dl):  # the layout XLA:CPU's int8 matmul reads fastest
     ks = ksum.reshape(-1) if ksum.ndim else ksum
-    acc = int_matmul_nk(dl.lhs3(qx)[0], zx, qa.values, dl.n, dl.k, qa.packed, ks)[None]
+    zx2 = zx if zx.ndim == 0 else zx[0]
+    acc = int_matmul_nk(x3[0], zx2, qa.values, dl.n, dl.k, qa.packed, ks)[None]
   else:
-    acc = int_matmul(
-      dl.lhs3(qx), zx, _weight3(qa, dl), ksum if ksum.ndim == 0 else jnp.swapaxes(ksum, 1, 2)
-    )
+    acc = int_matmul(x3, zx, _weight3(qa, dl), ksum if ksum.ndim == 0 else jnp.swapaxes(ksum, 1, 2))
   sw = sw if sw.ndim == 0 else jnp.swapaxes(sw, 1, 2)
   return dl.out(acc.astype(jnp.float32) * (s * sw))

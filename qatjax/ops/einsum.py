@@ -47,12 +47,15 @@ def _ellipsis_letters(spec: str, ndim: int, fill: str, where: str) -> str:
   return fill[:n]
 
 
-def plan_einsum(equation: str, lhs_shape, rhs_shape, path: str = "<einsum>") -> EinsumPlan:
+def plan_einsum(
+  equation: str, lhs_shape, rhs_shape, path: str = "<einsum>", rhs_ellipsis: bool = False
+) -> EinsumPlan:
   """The :class:`EinsumPlan` of ``equation`` for operands of these shapes.
 
   Supported: explicit output (``->``), exactly two operands, each index at most once per operand,
   every index of an operand either in the output or in the other operand (no summed-out index),
-  ``...`` in the activation and the output (not in the weight).
+  ``...`` in the activation and the output (and, with ``rhs_ellipsis``, the right-aligned same
+  dims in the second operand, for an activation x activation product such as attention's).
 
   Raises:
     ValueError: naming ``path`` and the equation when it is not of that form, or when the shapes
@@ -76,15 +79,19 @@ def plan_einsum(equation: str, lhs_shape, rhs_shape, path: str = "<einsum>") -> 
   lhs, rhs = ins.split(",")
   used = set(eq) - set(".,->")
   free = "".join(c for c in string.ascii_letters if c not in used)
-  if "..." in rhs:
+  if "..." in rhs and not rhs_ellipsis:
     raise ValueError(f"layer {path}: einsum {equation!r}: '...' in the weight is not supported")
   dots = _ellipsis_letters(lhs, len(lhs_shape), free, f"layer {path}: einsum activation")
-  if ("..." in out) != bool("..." in lhs):
+  if ("..." in out) != bool("..." in lhs) or ("..." in rhs and "..." not in lhs):
     raise ValueError(
-      f"layer {path}: einsum {equation!r}: '...' must be in both the activation "
-      "and the output, or in neither"
+      f"layer {path}: einsum {equation!r}: '...' must be in the activation and the output, or "
+      "in neither"
     )
+  rhs_dots = _ellipsis_letters(rhs, len(rhs_shape), free, f"layer {path}: einsum operand")
+  if rhs_dots and rhs_dots != dots[len(dots) - len(rhs_dots) :]:
+    raise ValueError(f"layer {path}: einsum {equation!r}: the operands' '...' differ in rank")
   lhs, out = lhs.replace("...", dots), out.replace("...", dots)
+  rhs = rhs.replace("...", dots[len(dots) - len(rhs_dots) :] if rhs_dots else "")
   for name, spec, shape in (("activation", lhs, lhs_shape), ("weight", rhs, rhs_shape)):
     bad = [c for c in spec if not c.isalpha()]
     if bad or len(set(spec)) != len(spec):

@@ -17,6 +17,7 @@ from qatjax.core.config import ActQuant, WeightQuant
 from qatjax.core.qarray import QArray
 from qatjax.ops import dot_general as dot
 from qatjax.ops.context import QuantContext, flags
+from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.quantizers import quantize_weight, weight_layout, weight_qarray
 
 # The table's feature axis plays the contraction: scales are per row.
@@ -32,16 +33,20 @@ def embed_lookup(ctx: QuantContext, table, ids, weight_q: WeightQuant | None, *,
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"layer {ctx.path}: inputs must be integers, got {ids.dtype}")
   if isinstance(table, QArray):
-    return _serve(table, ids)
-  if weight_q is not None:
+    with op_scope(describe(weight_q, None)):
+      return _serve(table, ids)
+  if weight_q is None:
+    (table,) = promote_dtype(table, dtype=dtype, inexact=False)
+    return jnp.take(table, ids, axis=0)
+  with op_scope(describe(weight_q, None)):
     enabled, _ = flags(ctx)
     layout = weight_layout(weight_q, table.shape, TABLE_CONTRACT)
     w = table
     table, scale = quantize_weight(ctx, table, weight_q, enabled, layout, "embedding")
     if ctx.recording:
       ctx.record("embedding", weight_qarray(w, scale, weight_q, layout))
-  (table,) = promote_dtype(table, dtype=dtype, inexact=False)
-  return jnp.take(table, ids, axis=0)
+    (table,) = promote_dtype(table, dtype=dtype, inexact=False)
+    return jnp.take(table, ids, axis=0)
 
 
 def embed_attend(

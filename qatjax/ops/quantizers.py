@@ -40,12 +40,14 @@ from qatjax.ops.registry import act_leaf, weight_scale
 
 @dataclasses.dataclass(frozen=True)
 class ActParams:
-  """The scale and zero point an activation was quantized with, and whether they are set
-  (an observer that has seen no batch yet is not)."""
+  """The scale and zero point an activation was quantized with, whether they are set (an
+  observer that has seen no batch yet is not), and whether they are frozen for serving (dynamic
+  scales are not: the integer model recomputes them from each tensor)."""
 
   scale: jax.Array
   zero_point: jax.Array
   ready: jax.Array
+  frozen: bool = True
 
 
 def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
@@ -73,16 +75,43 @@ def _lsq_input_init(x, spec: ActQuant):
   return scale_zero_point(jnp.min(x), jnp.max(x), spec.qmin, spec.qmax, symmetric=False)
 
 
+def dynamic_act_params(x, spec: ActQuant, contract_axes=None):
+  """The scale and zero point of a dynamic activation, computed from ``x`` itself.
+
+  Per token: the range of each row, i.e. over the ``contract_axes`` the op sums over (kept as
+  size-1 dims, so the result broadcasts against ``x``); per tensor: over all of ``x``. The
+  formulas are the observers' (:func:`qatjax.scale_zero_point`); no gradient flows into them.
+  """
+  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  if spec.granularity == "per_token" and contract_axes is not None:
+    axes = tuple(a % x.ndim for a in contract_axes)
+  else:
+    axes = tuple(range(x.ndim))
+  lo, hi = jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+  return scale_zero_point(lo, hi, spec.qmin, spec.qmax, symmetric=spec.symmetric)
+
+
 def quantize_act(
-  ctx: QuantContext, x, spec: ActQuant | None, enabled, observe, site: str = "input"
+  ctx: QuantContext,
+  x,
+  spec: ActQuant | None,
+  enabled,
+  observe,
+  site: str = "input",
+  contract_axes=None,
 ):
   """Fake-quantizes the activation ``x`` at ``site``; returns ``(y, ActParams or None)``.
 
   ``y`` is ``x`` itself while the layer is disabled or its observer has no range yet.
+  ``contract_axes`` are the axes of ``x`` the op sums over (for per-token dynamic scales).
   """
   if spec is None:
     return x, None
   qmin, qmax = spec.qmin, spec.qmax
+  if spec.method == "dynamic":
+    s, z = dynamic_act_params(x, spec, contract_axes)
+    y = broadcast_fake_quant(x, s, z, qmin, qmax)
+    return jnp.where(enabled, y, x), ActParams(s, z, jnp.bool_(True), frozen=False)
   if spec.method == "pact":
     alpha = ctx.param(act_leaf(site, "alpha"), lambda: jnp.asarray(spec.pact_init, jnp.float32))
     y = pact(x, alpha, spec.bits)
@@ -102,12 +131,23 @@ def quantize_act(
   return jnp.where(enabled & ready, y, x), ActParams(s, z, ready)
 
 
+def serving_act_params(ctx: QuantContext, x, spec: ActQuant | None, site: str, contract_axes):
+  """An activation's ``(scale, zero point)`` in the integer model: computed from ``x`` when
+  dynamic, the frozen ones ``convert`` stored otherwise; ``None`` for a weight-only layer."""
+  if spec is None:
+    return None
+  if spec.method == "dynamic":
+    return dynamic_act_params(x, spec, contract_axes)
+  s = ctx.converted(act_leaf(site, "scale"))
+  return None if s is None else (s, ctx.converted(act_leaf(site, "zero_point")))
+
+
 def record_act(
   ctx: QuantContext, act: ActParams | None, site: str = "input", calibrated: bool = False
 ) -> None:
   """Records an activation's frozen scale and zero point for ``convert`` (and, with
   ``calibrated``, whether they are set: a standalone activation quantizer's exporters need it)."""
-  if act is None or not ctx.recording:
+  if act is None or not act.frozen or not ctx.recording:
     return
   ctx.record(act_leaf(site, "scale"), act.scale)
   ctx.record(act_leaf(site, "zero_point"), act.zero_point)

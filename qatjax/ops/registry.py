@@ -10,8 +10,13 @@ from __future__ import annotations
 # Weight tensors a quantized op owns, by the parameter name of the Flax layer.
 WEIGHTS = ("kernel", "embedding")
 
-# Activation sites: the prefix of an activation quantizer's variables. "input" is a layer's input.
-ACT_SITES = ("input",)
+# Activation sites: the prefix of an activation quantizer's variables. "input" is a layer's input;
+# attention's activation x activation products quantize query, key, probabilities and value.
+ATTENTION_SITES = (("attn_q", "attn_k"), ("attn_p", "attn_v"))
+ACT_SITES = ("input", *(site for pair in ATTENTION_SITES for site in pair))
+
+# Recorded by an activation x activation op for ``convert``: the layer serves it in integers.
+ATTENTION_MARKER = "attn_int8"
 
 # Collections: observer statistics and switches; what ``convert`` collects from the ops.
 STATS = "quant_stats"
@@ -21,7 +26,10 @@ RECORD = "quant_record"
 FLAGS = ("enabled", "observe", "bn_frozen")
 
 # Layer kinds, the unit ``quantize_model``, ``convert`` and the ONNX exporter dispatch on.
-KINDS = ("dense", "dense_general", "conv", "conv_bn", "embed", "act")
+KINDS = ("dense", "dense_general", "einsum", "conv", "conv_bn", "embed", "attention", "act")
+
+# Recorded leaves that make a layer "converted" (its quantizer state is replaced by the record).
+CONVERTED_MARKERS = (*WEIGHTS, ATTENTION_MARKER)
 
 
 def weight_scale(weight: str) -> str:
@@ -49,6 +57,7 @@ QUANT_METADATA = tuple(
     QUANTIZER_PARAMS
     + tuple(f"{w}_sum" for w in WEIGHTS)
     + tuple(act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point"))
+    + (ATTENTION_MARKER,)
   )
 )
 

@@ -24,6 +24,7 @@ global batch to the step (assembled with ``jax.make_array_from_process_local_dat
 
 from qatjax.training._checkpoint import restore_checkpoint, save_checkpoint
 from qatjax.training._data import iterate_batches
+from qatjax.training._distill import Teacher, distillation_loss
 from qatjax.training._evaluate import evaluate
 from qatjax.training._fit import fit
 from qatjax.training._optim import make_optimizer, quant_param_labels
@@ -37,11 +38,13 @@ from qatjax.training._steps import Step, cross_entropy, make_eval_step, make_tra
 __all__ = [
   "QATSchedule",
   "Step",
+  "Teacher",
   "TrainState",
   "calibrate",
   "create_train_state",
   "cross_entropy",
   "data_mesh",
+  "distillation_loss",
   "evaluate",
   "fit",
   "iterate_batches",

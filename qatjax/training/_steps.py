@@ -82,8 +82,9 @@ class Step:
     ('qat', 1)
   """
 
-  def __init__(self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len):
+  def __init__(self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len, extra=()):
     self.jitted = jitted
+    self.extra = extra  # further arguments of ``jitted`` (a teacher's variables)
     self.mesh = mesh
     self.apply_kwargs = apply_kwargs
     self.schedule = schedule
@@ -104,7 +105,7 @@ class Step:
     if self.mesh is not None:
       state = replicate(self.mesh, state)
       batch = shard_batch(self.mesh, batch)
-    return self.jitted(state, batch)
+    return self.jitted(state, batch, self.extra)
 
 
 def _check_common(schedule, apply_kwargs, mesh):
@@ -126,7 +127,7 @@ def _jit(fn, mesh, out_state: bool, donate: bool):
   rep = replicated(mesh)
   return jax.jit(
     fn,
-    in_shardings=(rep, batch_sharding(mesh)),
+    in_shardings=(rep, batch_sharding(mesh), rep),
     out_shardings=(rep, rep) if out_state else rep,
     donate_argnums=donate_argnums,
   )
@@ -141,6 +142,7 @@ def make_train_step(
   rng=None,
   mesh: Mesh | None = None,
   donate: bool = False,
+  teacher=None,
 ) -> Step:
   """A jit-compiled ``train_step(state, (inputs, labels)) -> (new_state, metrics)``.
 
@@ -168,6 +170,9 @@ def make_train_step(
       along axis 0, and the program compiled with these shardings (multi-host: see the
       ``qatjax.training`` package notes).
     donate: donate the input state's buffers (saves memory; the old state is then invalid).
+    teacher: a :class:`Teacher` (distillation): it runs forward on the same inputs and the loss
+      becomes :func:`distillation_loss` against its outputs (``loss_fn``, if given, is the label
+      term). Its variables are an argument of the compiled step, not constants in it.
 
   Returns:
     A :class:`Step`. ``metrics`` holds ``loss`` and, for classification outputs, ``accuracy``.
@@ -188,12 +193,17 @@ def make_train_step(
     >>> int(state.step), sorted(metrics)
     (1, ['accuracy', 'loss'])
   """
+  label_loss = loss_fn
   loss_fn = cross_entropy if loss_fn is None else loss_fn
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if teacher is not None and mode != "qat":
+    raise ValueError(f"a teacher distils into a trained student: mode must be 'qat', got {mode!r}")
+  if teacher is not None and not hasattr(teacher, "loss_fn"):
+    raise ValueError(f"teacher must be a qatjax.training.Teacher, got {type(teacher).__name__}")
   kw = _check_common(schedule, apply_kwargs, mesh)
 
-  def step(state, batch):
+  def step(state, batch, teacher_variables):
     x, y = batch
     variables = state.variables
     if schedule is not None:
@@ -207,6 +217,9 @@ def make_train_step(
       return state.replace(step=state.step + 1, quant_stats=upd["quant_stats"]), metrics
 
     mutable = [c for c in STATE_COLLECTIONS if c in variables]
+    step_loss = loss_fn
+    if teacher is not None:
+      step_loss = teacher.loss_fn(teacher.logits(teacher_variables, x), label_loss)
 
     def objective(params):
       v = {**variables, "params": params}
@@ -214,7 +227,7 @@ def make_train_step(
         out, upd = state.apply_fn(v, x, mutable=mutable, rngs=rngs, **kw)
       else:
         out, upd = state.apply_fn(v, x, rngs=rngs, **kw), {}
-      loss, metrics = loss_and_metrics(loss_fn, out, y)
+      loss, metrics = loss_and_metrics(step_loss, out, y)
       return loss, (metrics, upd)
 
     (_, (metrics, upd)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -227,6 +240,7 @@ def make_train_step(
     schedule=schedule,
     mode=mode,
     max_len=2,
+    extra=() if teacher is None else teacher.variables,
   )
 
 
@@ -266,7 +280,7 @@ def make_eval_step(
   loss_fn = cross_entropy if loss_fn is None else loss_fn
   kw = _check_common(schedule, apply_kwargs, mesh)
 
-  def step(state, batch):
+  def step(state, batch, _):
     x, y = batch[0], batch[1]
     mask = batch[2] if len(batch) == 3 else None
     variables = state.variables
