@@ -126,8 +126,9 @@ def _int8_dots(fn, *args):
 
 def test_converted_transformer_runs_int8_matmuls_including_attention(lm):
   model, fv = lm
-  qm = qatjax.quantize_model(model, QuantConfig(8, 8, act_calibration="dynamic",
-                                                act_granularity="per_token"))
+  qm = qatjax.quantize_model(
+    model, QuantConfig(8, 8, act_calibration="dynamic", act_granularity="per_token")
+  )
   v = _quiet(qatjax.from_float, qm, fv, IDS)
   qv = qatjax.convert(qm, v, IDS)
   # q, k, v, out, Einsum, Dense, tied head, and the two attention products: 9 int8 x int8 dots.
@@ -152,19 +153,20 @@ def test_dynamic_per_token_dense_matches_a_row_wise_reference():
   layer = qatjax.QDense(6, config=cfg)
   v = layer.init(jax.random.key(0), x)
   want = _ref_fake_quant_rows(x, -1, 0, 255) @ np.asarray(v["params"]["kernel"], np.float64)
-  np.testing.assert_allclose(layer.apply(v, x), want + np.asarray(v["params"]["bias"]),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    layer.apply(v, x), want + np.asarray(v["params"]["bias"]), rtol=1e-4, atol=1e-4
+  )
   # A per-tensor scale would differ: the rows span two orders of magnitude.
   per_tensor = _ref_fake_quant_rows(x, (0, 1, 2), 0, 255) @ np.asarray(v["params"]["kernel"])
   assert np.abs(per_tensor - want).max() > 1e-2
   # Gradients pass straight through (nothing clips with a dynamic min/max range).
   g = jax.grad(lambda x_: layer.apply(v, x_).sum())(x)
-  np.testing.assert_allclose(g, np.broadcast_to(np.asarray(v["params"]["kernel"]).sum(1), x.shape),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    g, np.broadcast_to(np.asarray(v["params"]["kernel"]).sum(1), x.shape), rtol=1e-5
+  )
 
 
-def test_attention_products_match_an_independent_quantized_attention(lm):
-  model, fv = lm
+def test_attention_products_match_an_independent_quantized_attention():
   cfg = QuantConfig(None, 8, act_calibration="dynamic", act_granularity="per_token")
   attn = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=D)
   x = jax.random.normal(jax.random.key(2), (2, T, D))
@@ -201,8 +203,9 @@ def test_subclasses_dtype_and_custom_dot_general_are_respected():
     def __call__(self, x):
       x = MyDense(8, dtype=jnp.bfloat16)(x)
       assert x.dtype == jnp.bfloat16
-      return nn.Dense(4, dtype=jnp.bfloat16, dot_general=my_dot,
-                      precision=jax.lax.Precision.HIGHEST)(x)
+      return nn.Dense(
+        4, dtype=jnp.bfloat16, dot_general=my_dot, precision=jax.lax.Precision.HIGHEST
+      )(x)
 
   x = jax.random.normal(jax.random.key(0), (2, 6))
   qm = qatjax.quantize_model(Net(), QuantConfig(8, 8, act_calibration="dynamic"))

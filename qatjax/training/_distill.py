@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,10 @@ class Teacher:
   def loss_fn(self, teacher_out, label_loss: Callable | None):
     """``(student_out, labels) -> per-example distillation loss`` against ``teacher_out``."""
     return lambda out, labels: distillation_loss(
-      out, teacher_out, labels, temperature=self.temperature, alpha=self.alpha,
+      out,
+      teacher_out,
+      labels,
+      temperature=self.temperature,
+      alpha=self.alpha,
       label_loss=label_loss,
     )
