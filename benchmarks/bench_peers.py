@@ -14,6 +14,10 @@ Everything is measured in one process on one machine:
    and is evaluated in its own fake-quant eval mode. A combination a library cannot run is kept
    in the results with its error message instead of a number.
 
+3. A byte-level transformer LM (``examples/lm_qat.py``'s model): perplexity after the same QAT
+   steps from one pretrained float model, and train-step time, for qatjax W4A8 (int4 groups of
+   32, int8 per-token dynamic activations) and qwix's nearest rule (int4 tile 32, int8 dynamic).
+
 Peers: qwix (``quantize_model`` + ``QtProvider``, static activation scales in ``quant_stats``,
 the analogue of qatjax's observers) and AQT (``config_v4`` int forward, float backward, via
 ``AqtDotGeneral`` on ``nn.Dense``). AQT's conv (``AqtConvGeneralDilated``) quantizes the forward
@@ -46,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: import the checkout's qatjax
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 
+import _peer_lm  # noqa: E402
 import _peer_models as pm  # noqa: E402
 import image_data as datasets  # noqa: E402
 import jax  # noqa: E402
@@ -452,6 +457,8 @@ def render_markdown(res) -> str:
       row = [cells.get(None, ""), cells.get(8, ""), cells.get(4, ""), cells.get(2, "")]
       out.append(f"| {key[0]} | {key[1]} | " + " | ".join(row) + " |")
     out.append("")
+  if "lm" in res:
+    out += _peer_lm.render_lm(res["lm"])
   notes += [
     f"{t['arch'].upper()} timing, {r['name']}: {r['error']}"
     for t in res.get("timing", [])
@@ -497,6 +504,7 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-timing", action="store_true")
   p.add_argument("--skip-accuracy", action="store_true")
+  p.add_argument("--skip-lm", action="store_true", help="skip the transformer LM comparison")
   p.add_argument(
     "--extra",
     action="store_true",
@@ -560,6 +568,9 @@ def main(argv=None):
       extra=args.extra,
       float_reference=not (args.quick or args.no_float_reference),
     )
+  if not args.skip_lm:
+    print("LM: qatjax vs qwix on the byte-level transformer ...", flush=True)
+    res["lm"] = _peer_lm.bench_lm(quick=args.quick, seed=args.seed)
   res["total_s"] = round(time.perf_counter() - t_start, 1)
 
   md = render_markdown(res)

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("qwix")
@@ -29,7 +30,7 @@ def test_bench_peers_quick(tmp_path):
     env=env,
     capture_output=True,
     text=True,
-    timeout=120,
+    timeout=300,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   res = json.loads(out.read_text())
@@ -56,6 +57,11 @@ def test_bench_peers_quick(tmp_path):
   assert 0.0 <= rows[("qwix", "QtProvider, static act", 8)]["accuracy"] <= 1.0
   # every row has a number or a recorded reason
   assert all(("accuracy" in r) != ("error" in r) for r in acc["rows"])
+
+  lm = {r["name"]: r for r in res["lm"]["rows"]}
+  assert lm["float"]["vs_float"] == 1.0
+  assert np.isfinite(lm["qatjax W4A8 g32 (dynamic)"]["ppl"])
+  assert "ppl" in lm["qwix W4A8 tile 32 (dynamic)"] or "error" in lm["qwix W4A8 tile 32 (dynamic)"]
 
   md = out.with_suffix(".md").read_text()
   assert "| library | method |" in md and "quick smoke mode" in md
