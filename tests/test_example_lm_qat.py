@@ -1,7 +1,7 @@
 """examples/lm_qat.py end to end on a tiny configuration: every matmul quantized, the integer
 model's perplexity equal to the QAT model's, greedy generation identical, results written."""
 
-import importlib.util
+import importlib
 import json
 import pathlib
 
@@ -12,9 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_tiny_lm_pipeline(tmp_path):
-  spec = importlib.util.spec_from_file_location("lm_qat", ROOT / "examples" / "lm_qat.py")
-  lm_qat = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(lm_qat)
+  lm_qat = importlib.import_module("lm_qat")  # examples/ is on sys.path (conftest.py)
   args = [
     "--d",
     "16",

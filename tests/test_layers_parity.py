@@ -10,6 +10,8 @@ Compilation dominates the cost of these tests on CPU, so initializers are cheap
 un-jitted variant runs on a representative subset.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -204,8 +206,9 @@ def test_embed_attend_matches_flax(variant_name):
   make_flax, make_q, shape = LAYERS["embed"]
   f, q = make_flax(), make_q(CONFIGS["observer_w8a8"])
   ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), _input("embed", shape)))
-  qinit = jax.jit(q.init)(jax.random.key(0), _input("embed", shape))
   query = _input("query", (3, 4))
+  # attend quantizes the query too: its observer statistics come from an init through attend
+  qinit = jax.jit(functools.partial(q.init, method="attend"))(jax.random.key(0), query)
   want = f.apply(ckpt, query, method="attend")
   attend = VARIANTS[variant_name](lambda v, q_: q.apply(v, q_, method="attend"))
   on = {**ckpt, "quant_stats": qinit["quant_stats"]}

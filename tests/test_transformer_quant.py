@@ -288,3 +288,31 @@ def test_dynamic_config_rejects_observer_only_fields():
     QuantConfig(act_granularity="per_token")
   with pytest.raises(ValueError, match=r"weight_group_size must be an int >= 1, got 0"):
     QuantConfig(4, 8, weight_granularity="per_group", weight_group_size=0)
+
+
+def test_float16_group_scales_give_the_q4_0_layout_and_the_same_outputs():
+  """int4 in groups of 32 with float16 scales (4.5 bits per weight) and no zero points."""
+  cfg = QuantConfig(
+    4,
+    8,
+    act_calibration="dynamic",
+    act_granularity="per_token",
+    weight_granularity="per_group",
+    weight_group_size=32,
+    weight_scale_dtype="float16",
+  )
+  k, n = 96, 40
+  layer = qatjax.QDense(n, config=cfg, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (4, k))
+  v = layer.init(jax.random.key(1), x)
+  qv = qatjax.convert(layer, v, x)
+  qa = qv["params"]["kernel"]
+  assert qa.scale.dtype == jnp.float16 and qa.scale.shape == (3, n) and qa.zero_point.shape == ()
+  assert qatjax.model_size(qv).total == k * n // 2 + 3 * n * 2 + 4
+  # The training grid already uses the float16-rounded scales: integers give the same outputs.
+  np.testing.assert_allclose(layer.apply(qv, x), layer.apply(v, x), rtol=1e-5, atol=1e-5)
+  w = np.asarray(v["params"]["kernel"])
+  # observer weights use the narrow range [-7, 7]: s = max|w| / 7 per group, rounded to float16
+  s = (np.abs(w.reshape(3, 32, n)).max(1) / 7.0).astype(np.float16).astype(np.float32)
+  want = np.clip(np.round(w / np.repeat(s, 32, axis=0)), -7, 7)
+  np.testing.assert_array_equal(np.asarray(qa.unpack()), want)

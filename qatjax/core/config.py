@@ -15,6 +15,7 @@ WEIGHT_CALIBRATIONS = ("minmax", "mse")
 ACT_CALIBRATIONS = (*cal.CALIBRATORS, "dynamic")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 DEFAULT_ACT_MOMENTUM = 0.01
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class QuantConfig:
       (default) quantizes their two activation x activation matmuls (``q.k`` and ``p.v``, both
       operands with the activation settings) when ``act_bits`` is set; ``False`` keeps them
       float; ``True`` marks an attention-only rule: it must match attention modules only.
+    weight_scale_dtype: ``"float32"``, or ``"float16"`` / ``"bfloat16"``: weight scales are
+      rounded to it in training (so the integer model computes the same values) and stored in
+      it after ``convert`` (int4 in groups of 32 with float16 scales is GGML's Q4_0 layout,
+      4.5 bits per weight).
 
   Example:
     >>> cfg = QuantConfig(weight_bits=4, act_bits=4, method="lsq")
@@ -77,6 +82,7 @@ class QuantConfig:
   pact_init: float = 6.0
   act_granularity: str = "per_tensor"
   attention_matmuls: bool | None = None
+  weight_scale_dtype: str = "float32"
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -88,6 +94,7 @@ class QuantConfig:
     _check_choice("weight_calibration", self.weight_calibration, WEIGHT_CALIBRATIONS)
     _check_choice("act_calibration", self.act_calibration, ACT_CALIBRATIONS)
     _check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
+    _check_choice("weight_scale_dtype", self.weight_scale_dtype, SCALE_DTYPES)
     self._check_dynamic()
     if (self.weight_granularity == "per_group") != (self.weight_group_size is not None):
       raise ValueError(
@@ -174,6 +181,7 @@ class QuantConfig:
       self.weight_granularity,
       self.weight_group_size,
       self.weight_calibration,
+      self.weight_scale_dtype,
     )
 
   @functools.cached_property
@@ -233,6 +241,7 @@ class WeightQuant:
     method: ``"observer"`` (scale from the current weights) or ``"lsq"`` (learned step).
     granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``.
     group_size: group length along the contraction (``"per_group"``), else ``None``.
+    scale_dtype: the dtype the scales are rounded to and stored in after ``convert``.
     calibration: ``"minmax"`` or ``"mse"`` (observer weights).
   """
 
@@ -243,6 +252,7 @@ class WeightQuant:
   granularity: str
   group_size: int | None
   calibration: str
+  scale_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,8 @@ class QArray:
   ``values`` holds int8 (bits 5..8) or, for ``bits <= 4``, two values per byte packed into a flat
   uint8 vector (see :func:`pack_int4`). ``scale`` and ``zero_point`` are float32 and broadcast
   against the unpacked array, except along ``axis`` for per-group scales, where they hold one entry
-  per ``group_size`` elements.
+  per ``group_size`` elements. The scale may be stored in float16 / bfloat16
+  (``QuantConfig(weight_scale_dtype=...)``); a symmetric tensor's zero point is one scalar 0.
 
   ``perm`` (optional) is a storage order: ``values`` then holds ``transpose(q, perm)`` (packed or
   not) while ``shape``, ``unpack()``, ``dequantize()``, ``scale`` and ``axis`` stay in the logical
@@ -70,9 +71,12 @@ class QArray:
     """Builds a QArray from unpacked integers (logical order), packing them when ``bits <= 4``
     and storing them transposed by ``perm`` if given."""
     q = jnp.asarray(q)
-    scale = jnp.asarray(scale, jnp.float32)
+    scale = jnp.asarray(scale)
+    if not jnp.issubdtype(scale.dtype, jnp.floating):
+      scale = scale.astype(jnp.float32)
+    # Symmetric integers (no zero point) store one scalar 0, not one per scale.
     zero_point = (
-      jnp.zeros_like(scale) if zero_point is None else jnp.asarray(zero_point, jnp.float32)
+      jnp.zeros((), jnp.float32) if zero_point is None else jnp.asarray(zero_point, jnp.float32)
     )
     if perm is not None:
       perm = tuple(int(p) for p in perm)
@@ -124,7 +128,7 @@ class QArray:
 
   def expanded(self, p):
     """A scale or zero point broadcast against the unpacked array (groups repeated)."""
-    if self.group_size is None:
+    if self.group_size is None or jnp.ndim(p) == 0:
       return p
     full = jnp.repeat(p, self.group_size, axis=self.axis)
     return lax.slice_in_dim(full, 0, self.shape[self.axis], axis=self.axis)
@@ -132,7 +136,8 @@ class QArray:
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """``(int - zero_point) * scale`` as floats."""
     q = self.unpack().astype(jnp.float32)
-    return ((q - self.expanded(self.zero_point)) * self.expanded(self.scale)).astype(dtype)
+    scale = self.expanded(self.scale).astype(jnp.float32)
+    return ((q - self.expanded(self.zero_point)) * scale).astype(dtype)
 
   @property
   def nbytes(self) -> int:

@@ -110,7 +110,7 @@ def coverage(model: nn.Module, *args, variables=None, **kwargs) -> CoverageRepor
 
   def apply(v, *a):
     with nn.intercept_methods(interceptor):
-      return model.apply(v, *a, **kwargs)
+      return model.apply(v, *a, mutable=True, **kwargs)  # BatchNorm in training mode updates
 
   jaxpr = jax.make_jaxpr(apply)(variables, *args)
   sites = []

@@ -250,6 +250,15 @@ def _observer_scale(w, spec: WeightQuant, layout: WeightLayout):
   return scale_zero_point(-m, m, spec.qmin, spec.qmax, symmetric=True)[0]
 
 
+def _stored_precision(s, spec: WeightQuant):
+  """``s`` rounded to the dtype ``convert`` stores scales in (straight-through: a learned scale
+  keeps its full-precision gradient), so the fake-quant grid is the integer model's."""
+  if spec.scale_dtype == "float32":
+    return s
+  s = clamp_scale(s)
+  return s + jax.lax.stop_gradient(s.astype(spec.scale_dtype).astype(s.dtype) - s)
+
+
 def lsq_weight_init(w, spec: WeightQuant, layout: WeightLayout):
   """LSQ's initial weight step ``2 * mean(|w|) / sqrt(qmax)`` per scale, ``param_shape``d."""
   s = clamp_scale(2.0 * _abs_reduce(w, layout, jnp.nanmean) / math.sqrt(spec.qmax))
@@ -277,7 +286,7 @@ def quantize_weight(
         f"layer {ctx.path}: {weight_scale(name)} has shape {jnp.shape(s)}, "
         f"expected {layout.param_shape} for {spec.granularity}"
       )
-    s = jnp.reshape(s, layout.bshape)
+    s = _stored_precision(jnp.reshape(s, layout.bshape), spec)
     y = broadcast_fake_quant(
       w,
       _expand(s, layout),
@@ -289,7 +298,7 @@ def quantize_weight(
     )
     s = clamp_scale(s)
   else:
-    s = _observer_scale(w, spec, layout)
+    s = _stored_precision(_observer_scale(w, spec, layout), spec)
     y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax)
   return jnp.where(enabled, y, w), s
 
@@ -299,7 +308,7 @@ def weight_qarray(w, s, spec: WeightQuant, layout: WeightLayout, perm=None) -> Q
   q = broadcast_quantize(jax.lax.stop_gradient(w), _expand(s, layout), spec.qmin, spec.qmax)
   return QArray.create(
     q,
-    jax.lax.stop_gradient(s),
+    jax.lax.stop_gradient(s).astype(spec.scale_dtype),
     bits=spec.bits,
     axis=layout.group_axis,
     group_size=layout.group_size,
