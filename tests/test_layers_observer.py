@@ -3,7 +3,11 @@
 * ``quant_stats`` moves only when the caller makes it mutable and is not initializing;
 * ``observe=False`` freezes it (count included), ``enabled=False`` does not;
 * in eval (immutable) the layer uses the stored range, never the current batch's;
-* uncalibrated (``input_count == 0``) the input passes through un-quantized.
+* uncalibrated (``input_count == 0``) the input passes through un-quantized;
+* every ``act_calibration`` (ema, minmax, percentile, mse) and ``weight_calibration="mse"`` give
+  the ranges a numpy reimplementation gives;
+* gradients pass straight through the quantizers inside their range (Flax's float layer's
+  gradients at the hand-quantized values, masked where the input clips).
 """
 
 import flax.linen as nn
