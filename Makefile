@@ -30,6 +30,12 @@ lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Curated mutation check (tools/mutants.toml): every listed bug must make its named tests fail.
+# On demand only (tens of minutes on 2 cores); not part of `make test` / CI. MUTANTS_ARGS is
+# passed on, e.g. MUTANTS_ARGS="--only ste-mask-dropped" or "--list".
+mutants: $(TEST_STAMP)
+	$(PY) tools/mutants.py $(MUTANTS_ARGS)
+
 bench: $(TEST_STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/run_all.py $(if $(DATA_DIR),--data-dir $(DATA_DIR))

@@ -192,7 +192,25 @@ def test_jit_scan_matches_python_loop(name):
   sc = scanned(xs)
   np.testing.assert_allclose([sc.min, sc.max], [loop.min, loop.max], rtol=1e-5)
   assert int(sc.count) == 4 == int(loop.count)
-  assert name in cal_lib.CALIBRATORS
+  # And both are the calibrator's range over the four batches (numpy; mse: inside min/max).
+  batch_range, momentum = {
+    "minmax": (lambda x: (x.min(), x.max()), None),
+    "ema": (lambda x: (x.min(), x.max()), 0.1),
+    "percentile": (lambda x: tuple(np.percentile(x, [1.0, 99.0])), 0.2),
+    "mse": (lambda x: (x.min(), x.max()), None),
+  }[name]
+  xs = np.asarray(xs)
+  lo, hi = batch_range(xs[0])
+  for x in xs[1:]:
+    b_lo, b_hi = batch_range(x)
+    if momentum is None:
+      lo, hi = min(lo, b_lo), max(hi, b_hi)
+    else:
+      lo, hi = lo + momentum * (b_lo - lo), hi + momentum * (b_hi - hi)
+  if name == "mse":  # shrunken ranges (EMA of the per-batch searches) inside the overall min/max
+    assert lo < float(sc.min) < 0 < float(sc.max) < hi
+  else:
+    np.testing.assert_allclose([sc.min, sc.max], [lo, hi], rtol=1e-5)
 
 
 def test_vmap_over_independent_states():

@@ -177,6 +177,38 @@ def test_onnx_quantize_model_wrapper():
   np.testing.assert_allclose(run_ort(proto, x, "none"), qm.apply(qv, x), atol=1e-5)
 
 
+class ConvBNBias(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = QConvBN(6, (3, 3), use_bias=True, config=QuantConfig(), name="convbn")(x, True)
+    return QDense(3, config=QuantConfig())(nn.relu(x).reshape(x.shape[0], -1))
+
+
+def test_onnx_conv_bn_with_conv_bias():
+  """QConvBN(use_bias=True): the exported conv bias is the folded ``beta + (b - mean) * f``
+  (recomputed by hand), and onnxruntime computes what the integer model computes."""
+  model = ConvBNBias()
+  x = jax.random.normal(jax.random.key(0), (8, 6, 6, 5))
+  v = model.init(jax.random.key(1), x)
+  rng = np.random.default_rng(0)
+  bias, gamma, beta, mean = (rng.normal(size=6).astype(np.float32) for _ in range(4))
+  var = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+  conv = {**v["params"]["convbn"], "bias": bias, "bn_scale": gamma, "bn_bias": beta}
+  v = {
+    **v,
+    "params": {**v["params"], "convbn": conv},
+    "batch_stats": {"convbn": {"mean": mean, "var": var}},
+  }
+  _, stats = model.apply(v, x, mutable=["quant_stats"])
+  qv = convert(model, {**v, **stats}, x)
+  proto = export_onnx(model, qv, x)
+  exported = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+  folded = beta + (bias - mean) * gamma / np.sqrt(var + np.float32(1e-5))
+  np.testing.assert_allclose(exported["convbn.bias"], folded, rtol=1e-6, atol=1e-6)
+  ref = np.asarray(model.apply(qv, x))
+  np.testing.assert_allclose(run_ort(proto, x, "none"), ref, atol=1e-5 * np.abs(ref).max())
+
+
 class WithEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):

@@ -1,16 +1,18 @@
-"""Integer inference on real data: QAT-train small MNIST models briefly, convert, compare.
+"""Integer inference on real data: QAT-train small image models briefly, convert, compare.
 
-What is measured, on the 10,000 MNIST test images: the integer model (``model.apply(qvars, x)``)
-against the fake-quant QAT model it was converted from, and the ONNX export in onnxruntime
-against the integer model. Both pairs compute the same integers except where an activation lies
-on a rounding boundary (float summation order differs: XLA's float conv vs int32 accumulation;
-onnxruntime's fused ``QLinearConv`` requantization), which moves that activation by one step. The
-logits' "output step" is ``s_in * max|W|`` of the last layer: the largest change of a logit when
-one of its inputs moves by one quantization step. Checked: argmax agreement >= 99.9% and max
-|difference| <= 4 output steps (measured 0.9-2.2), except onnxruntime with its default graph
-optimisations, whose fused ``QLinearConv`` requantizes with an int32 bias and moves more
-activations by one step (measured about 10 output steps; bound 16). Skipped when the MNIST files
-are absent.
+Runs on scikit-learn's digits (shipped with the package: every checkout runs it) and on the
+10,000 MNIST test images when the IDX files are in ../shared (skipped otherwise). What is
+measured: the integer model (``model.apply(qvars, x)``) against the fake-quant QAT model it was
+converted from, and the ONNX export in onnxruntime against the integer model. Both pairs compute
+the same integers except where an activation lies on a rounding boundary (float summation order
+differs: XLA's float conv vs int32 accumulation; onnxruntime's fused ``QLinearConv``
+requantization), which moves that activation by one step. The logits' "output step" is
+``s_in * max|W|`` of the last layer: the largest change of a logit when one of its inputs moves by
+one quantization step. Checked: argmax agreement >= 99.9% (on digits' 449 test images: at most
+one image apart) and max |difference| <= 4 output steps (MNIST measured 0.9-2.2), except
+onnxruntime with its default graph optimisations, whose fused ``QLinearConv`` requantizes with an
+int32 bias and moves more activations by one step (MNIST measured about 10 output steps; bound
+16).
 """
 
 import pathlib
@@ -21,14 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from image_data import load_mnist
+from image_data import load_digits, load_mnist
+from test_layers_helpers import JitApply
 
 from qatjax import QConv, QDense, QuantConfig, convert
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-pytestmark = pytest.mark.skipif(
-  not (DATA / "t10k-images-idx3-ubyte.gz").is_file(), reason=f"MNIST IDX files not in {DATA}"
-)
+
+# dataset -> images per architecture and passes over them: one short epoch of MNIST; digits is
+# small (1,348 training images), so a few passes.
+TRAINING = {"digits": ({"mlp": 1348, "cnn": 1348}, 8), "mnist": ({"mlp": 6000, "cnn": 3000}, 1)}
 
 
 class MLP(nn.Module):
@@ -51,38 +55,41 @@ class CNN(nn.Module):
     return QDense(10, config=self.cfg)(x.reshape(x.shape[0], -1))
 
 
-@pytest.fixture(scope="module")
-def mnist():
+@pytest.fixture(scope="module", params=sorted(TRAINING))
+def dataset(request):
+  if request.param == "digits":
+    return load_digits()
+  if not (DATA / "t10k-images-idx3-ubyte.gz").is_file():
+    pytest.skip(f"MNIST IDX files not in {DATA}")
   return load_mnist(str(DATA))
 
 
-def train_one_epoch(model, data, n_train, batch=50):
-  """QAT from scratch for one pass over the first ``n_train`` training images."""
-  x0 = jnp.asarray(data.x_train[:batch])
-  v = model.init(jax.random.key(0), x0)
-  params, rest = v["params"], {k: c for k, c in v.items() if k != "params"}
+def train(model, data, n_train, passes, batch=50):
+  """QAT from scratch: ``passes`` over the first ``n_train`` training images, one ``lax.scan``."""
+  n = n_train // batch * batch
+  xs = jnp.asarray(data.x_train[:n]).reshape((-1, batch) + data.x_train.shape[1:])
+  ys = jnp.asarray(data.y_train[:n]).reshape(-1, batch)
+  v = model.init(jax.random.key(0), xs[0])
   opt = optax.adam(2e-3)
-  opt_state = opt.init(params)
 
-  @jax.jit
-  def step(params, rest, opt_state, x, y):
+  def step(carry, xy):
+    params, rest, opt_state = carry
+
     def loss_fn(p):
-      logits, upd = model.apply({"params": p, **rest}, x, mutable=["quant_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+      logits, upd = model.apply({"params": p, **rest}, xy[0], mutable=["quant_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).mean(), upd
 
     (_, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), {**rest, **upd}, opt_state
+    return (optax.apply_updates(params, updates), {**rest, **upd}, opt_state), None
 
-  for i in range(0, n_train, batch):
-    params, rest, opt_state = step(
-      params,
-      rest,
-      opt_state,
-      jnp.asarray(data.x_train[i : i + batch]),
-      jnp.asarray(data.y_train[i : i + batch]),
-    )
-  return {"params": params, **rest}
+  @jax.jit
+  def run(v, xs, ys):
+    params, rest = v["params"], {k: c for k, c in v.items() if k != "params"}
+    (params, rest, _), _ = jax.lax.scan(step, (params, rest, opt.init(params)), (xs, ys))
+    return {"params": params, **rest}
+
+  return run(v, jnp.tile(xs, (passes,) + (1,) * (xs.ndim - 1)), jnp.tile(ys, (passes, 1)))
 
 
 def output_step(qv, last):
@@ -91,29 +98,27 @@ def output_step(qv, last):
 
 
 @pytest.mark.parametrize(
-  "arch,cfg,n_train",
-  [
-    ("mlp", QuantConfig(), 6000),
-    ("cnn", QuantConfig(weight_bits=4), 3000),
-  ],
+  "arch,cfg", [("mlp", QuantConfig()), ("cnn", QuantConfig(weight_bits=4))], ids=["mlp", "cnn"]
 )
-def test_integer_model_matches_fake_quant_on_mnist(mnist, arch, cfg, n_train):
+def test_integer_model_matches_fake_quant(dataset, arch, cfg):
   model = {"mlp": MLP, "cnn": CNN}[arch](cfg)
-  v = train_one_epoch(model, mnist, n_train)
-  x_test = jnp.asarray(mnist.x_test)
-  qv = convert(model, v, x_test[:8])
+  n_train, passes = TRAINING[dataset.name]
+  v = train(model, dataset, n_train[arch], passes)
+  x_test = jnp.asarray(dataset.x_test)
+  qv = convert(JitApply(model), v, x_test[:8])
   y_fq = np.asarray(jax.jit(model.apply)(v, x_test))
   y_int = np.asarray(jax.jit(model.apply)(qv, x_test))
-  acc_fq = (y_fq.argmax(1) == mnist.y_test).mean()
-  acc_int = (y_int.argmax(1) == mnist.y_test).mean()
-  agree = (y_fq.argmax(1) == y_int.argmax(1)).mean()
+  acc_fq = (y_fq.argmax(1) == dataset.y_test).mean()
+  acc_int = (y_int.argmax(1) == dataset.y_test).mean()
+  apart = (y_fq.argmax(1) != y_int.argmax(1)).sum()
   steps = np.abs(y_fq - y_int).max() / output_step(qv, "QDense_1" if arch == "mlp" else "QDense_0")
   print(
-    f"{arch}: accuracy fake-quant {acc_fq:.4f} integer {acc_int:.4f}, argmax agreement "
-    f"{agree:.4%}, max |diff| {np.abs(y_fq - y_int).max():.2e} = {steps:.2f} output steps"
+    f"{dataset.name} {arch}: accuracy fake-quant {acc_fq:.4f} integer {acc_int:.4f}, argmax "
+    f"apart on {apart} of {len(x_test)}, max |diff| {np.abs(y_fq - y_int).max():.2e} = "
+    f"{steps:.2f} output steps"
   )
-  assert acc_int > 0.8  # it learned something in one short epoch
-  assert agree >= 0.999
+  assert acc_int > 0.8  # it learned something in a short training
+  assert apart <= max(1, int(0.001 * len(x_test)))
   assert steps <= 4
   if arch == "cnn":
     onnx_agreement(model, qv, x_test, y_int)
@@ -132,10 +137,10 @@ def onnx_agreement(model, qv, x_test, y_int):
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     y_onnx = sess.run(None, {"input": np.asarray(x_test)})[0]
     steps = np.abs(y_onnx - y_int).max() / step
-    agree = (y_onnx.argmax(1) == y_int.argmax(1)).mean()
+    apart = (y_onnx.argmax(1) != y_int.argmax(1)).sum()
     print(
-      f"onnxruntime ({level}) vs integer: argmax agreement {agree:.4%}, max |diff| "
+      f"onnxruntime ({level}) vs integer: argmax apart on {apart} of {len(x_test)}, max |diff| "
       f"{steps:.2f} output steps"
     )
-    assert agree >= 0.999
+    assert apart <= max(1, int(0.001 * len(x_test)))
     assert steps <= max_steps

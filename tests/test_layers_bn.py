@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_layers_helpers import cheap_init, rand
+from test_layers_helpers import JitApply, cheap_init, np_fake_quant, rand
 
 import qatjax
 from qatjax import QConvBN, QDense, QuantConfig
@@ -185,6 +185,43 @@ def test_gamma_zero_no_nan(config):
       np.asarray(y)[..., [0, 3]], np.broadcast_to(beta[[0, 3]], y.shape[:-1] + (2,)), atol=1e-6
     )
   assert np.any(np.asarray(g_train["kernel"]) != 0)
+
+
+def test_conv_bias_through_folding_and_convert():
+  """QConvBN(use_bias=True): the conv bias b enters the folded bias ``beta + (b - mean) * f``
+  that convert stores, and the integer model computes ``conv(x_q, fq(W f)) + that bias``; all
+  recomputed by hand (numpy quantization, Flax's float conv)."""
+  x = rand((3, 7, 7, 4), 4)
+  _, qv = _variables(True)
+  layer = _q_layer(QuantConfig(), use_bias=True)
+
+  @jax.jit
+  def calibrated(x):
+    init = layer.init(jax.random.key(0), x, use_running_average=True)
+    v = {**init, "params": qv["params"], "batch_stats": qv["batch_stats"]}
+    _, stats = layer.apply(v, x, use_running_average=True, mutable=["quant_stats"])
+    return {**v, **stats}
+
+  v = calibrated(x)
+  converted = qatjax.convert(JitApply(layer), v, x, use_running_average=True)
+  p = {k: np.asarray(a, np.float32) for k, a in qv["params"].items()}
+  bs = {k: np.asarray(a, np.float32) for k, a in qv["batch_stats"].items()}
+  f = p["bn_scale"] / np.sqrt(bs["var"] + np.float32(1e-5))
+  folded_bias = p["bn_bias"] + (p["bias"] - bs["mean"]) * f
+  np.testing.assert_allclose(converted["params"]["bias"], folded_bias, rtol=1e-6, atol=1e-6)
+  assert np.abs(p["bias"] * f).max() > 0.5  # the conv bias moves the output
+  # By hand: per-channel narrow int8 folded kernel, the input on its calibrated affine grid.
+  w = p["kernel"] * f
+  w_q = np_fake_quant(w, np.abs(w).max((0, 1, 2)) / np.float32(127), 0.0, -127, 127)
+  xn = np.asarray(x)
+  s = np.float32((max(xn.max(), 0) - min(xn.min(), 0)) / 255)
+  z = np.clip(-np.round(min(xn.min(), 0) / s), 0, 255)
+  x_q = np_fake_quant(xn, s, z, 0, 255)
+  conv = nn.Conv(6, (3, 3), use_bias=False).apply({"params": {"kernel": w_q}}, x_q)
+  want = np.asarray(conv) + folded_bias
+  tol = dict(rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(layer.apply(converted, x, use_running_average=True), want, **tol)
+  np.testing.assert_allclose(layer.apply(v, x, use_running_average=True), want, **tol)
 
 
 # --- digits: folded W8A8 vs float conv + BN -------------------------------------------------------

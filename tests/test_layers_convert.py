@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_layers_helpers import cheap_init, rand
+from test_layers_helpers import JitApply, cheap_init, rand
 
 import qatjax
 from qatjax import QConv, QConvBN, QDense, QDenseGeneral, QEmbed, QuantConfig
@@ -60,16 +60,6 @@ CASES["lsq-w4-per_channel-weight_only"] = _config("lsq", 4, "per_channel", act_b
 EAGER_CASE = "observer-w8a8-per_tensor"
 
 
-class JitApply:
-  """Duck-types the one method ``convert`` calls on a model, ``apply``, jitted."""
-
-  def __init__(self, model):
-    self._apply = jax.jit(model.apply, static_argnames=("mutable", "train"))
-
-  def apply(self, variables, *args, mutable, **kwargs):
-    return self._apply(variables, *args, mutable=tuple(mutable), **kwargs)
-
-
 INPUTS = (
   rand((2, 5, 6, 7), 0, 1.5, 0.3),
   rand((3, 2, 7), 1),
@@ -110,3 +100,42 @@ def test_integer_path_agrees_with_fake_quant(case):
     assert ("input_scale" in p) == (CASES[case].act_bits is not None), layer
   assert isinstance(qv["params"]["QEmbed_0"]["embedding"], qatjax.QArray)
   assert "batch_stats" not in qv and "quant_stats" not in qv
+
+
+class TiedEmbedding(nn.Module):
+  """A tied output head: rows looked up from the table, then logits against the same table."""
+
+  config: QuantConfig
+
+  @nn.compact
+  def __call__(self, ids):
+    table = QEmbed(11, 6, config=self.config, embedding_init=cheap_init)
+    rows = table(ids)
+    return rows, table.attend(2.0 * rows)
+
+
+@pytest.mark.parametrize(
+  "config",
+  [QuantConfig(8, None), QuantConfig(4, None, weight_granularity="per_group", weight_group_size=4)],
+  ids=["w8_per_row", "w4_per_group"],
+)
+def test_converted_tied_embedding_matches_hand_computation(config):
+  """After convert, lookup and ``attend`` read the same integer table: rows and logits equal the
+  hand-quantized table's (per row / per group of 4 features, narrow symmetric range)."""
+  model = TiedEmbedding(config)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 4)), jnp.int32)
+  v = jax.jit(model.init)(jax.random.key(0), ids)
+  qv = qatjax.convert(JitApply(model), v, ids)
+  assert isinstance(qv["params"]["QEmbed_0"]["embedding"], qatjax.QArray)
+  rows, logits = jax.jit(model.apply)(qv, ids)
+  w = np.asarray(v["params"]["QEmbed_0"]["embedding"], np.float32)
+  qmin, qmax = config.weight_range
+  blocks = [w] if config.weight_group_size is None else [w[:, :4], w[:, 4:]]
+  deq = []
+  for b in blocks:  # one scale per row of each block
+    s = np.abs(b).max(axis=1, keepdims=True) / np.float32((qmax - qmin) / 2)
+    deq.append(np.clip(np.round(b * (np.float32(1) / s)), qmin, qmax) * s)
+  deq = np.concatenate(deq, axis=1).astype(np.float32)
+  want_rows = deq[np.asarray(ids)]
+  np.testing.assert_allclose(rows, want_rows, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(logits, (2.0 * want_rows) @ deq.T, rtol=1e-5, atol=1e-6)

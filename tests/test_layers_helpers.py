@@ -34,6 +34,26 @@ def cheap_init(key, shape, dtype=jnp.float32):
   return (u * math.sqrt(12.0 / fan_in)).reshape(shape).astype(dtype)
 
 
+class JitApply:
+  """Duck-types the one method :func:`qatjax.convert` calls on a model, ``apply``, jitted (one
+  compile instead of convert's op-by-op run, which test_layers_convert.py exercises once)."""
+
+  def __init__(self, model):
+    self._apply = jax.jit(
+      model.apply, static_argnames=("mutable", "train", "use_running_average", "method")
+    )
+
+  def apply(self, variables, *args, mutable, **kwargs):
+    return self._apply(variables, *args, mutable=tuple(mutable), **kwargs)
+
+
+def np_fake_quant(x, s, z, qmin, qmax):
+  """The library's quantization formula in numpy, float32:
+  ``(clip(round(x * (1 / s)) + z, qmin, qmax) - z) * s`` (numpy rounds half to even)."""
+  q = np.clip(np.round(np.asarray(x, np.float32) * (np.float32(1) / s)) + z, qmin, qmax)
+  return ((q - z) * s).astype(np.float32)
+
+
 def rand(shape, seed, scale=1.0, shift=0.0):
   """Normal float32 data from numpy (no per-shape sampler compile)."""
   return jnp.asarray(shift + scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)

@@ -8,6 +8,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +189,81 @@ def test_input_scale_gradient_uses_lsq_grad_scale():
   np.testing.assert_allclose(g_layer, g_ref(p["input_scale"], lsq_grad_scale(6, qmax)), rtol=1e-5)
   assert float(g_layer) != 0.0
   assert not np.allclose(g_layer, g_ref(p["input_scale"], 1.0), rtol=1e-3)
+
+
+KERNEL_GRAD_CASES = {
+  # name: (layer, flax twin, input shape, config, weights sharing one scale)
+  "dense_per_channel": (
+    lambda c: QDense(4, config=c, use_bias=False, kernel_init=_kernel_init),
+    lambda: nn.Dense(4, use_bias=False),
+    (5, 6),
+    QuantConfig(4, None, method="lsq"),
+    6,
+  ),
+  "dense_per_group": (
+    lambda c: QDense(4, config=c, use_bias=False, kernel_init=_kernel_init),
+    lambda: nn.Dense(4, use_bias=False),
+    (5, 6),
+    QuantConfig(4, None, method="lsq", weight_granularity="per_group", weight_group_size=3),
+    3,
+  ),
+  "conv_per_tensor": (
+    lambda c: QConv(3, (3,), config=c, use_bias=False, kernel_init=_kernel_init),
+    lambda: nn.Conv(3, (3,), use_bias=False),
+    (2, 5, 4),
+    QuantConfig(4, None, method="lsq", weight_granularity="per_tensor"),
+    3 * 4 * 3,
+  ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_GRAD_CASES))
+def test_kernel_scale_gradient_is_lsq_formula(case):
+  """d loss / d kernel_scale = g * sum(dL/dw_q * (qmin | qmax | round(v) - v)), g = 1 / sqrt(n *
+  qmax) for the n weights that share the scale (Esser et al. 2020, section 2.2), by hand."""
+  make, make_flax, shape, cfg, n = KERNEL_GRAD_CASES[case]
+  q = make(cfg)
+  x, dy_seed = _rand(shape, 0), 1
+  v = jax.jit(q.init)(jax.random.key(0), x)
+  w = np.asarray(v["params"]["kernel"], np.float32)
+  pshape = v["params"]["kernel_scale"].shape
+  # Scales that clip the largest weights: max |w| per scale maps to 10 steps (per tensor: the
+  # smaller of max w and -min w maps to 9.5, so that both ends clip).
+  if case == "dense_per_channel":
+    s = np.abs(w).max(0) / 10
+    s_full = np.broadcast_to(s, w.shape)
+  elif case == "dense_per_group":  # groups of 3 input features: scales (2, 4)
+    s = np.abs(w).reshape(2, 3, 4).max(1) / 10
+    s_full = np.repeat(s, 3, axis=0)
+  else:
+    s = np.float32(min(w.max(), -w.min()) / 9.5)
+    s_full = np.full(w.shape, s)
+  s = np.asarray(s, np.float32).reshape(pshape)
+  y_shape = jax.eval_shape(q.apply, v, x).shape
+  dy = _rand(y_shape, dy_seed)
+
+  @jax.jit
+  def grads(s):
+    params = {**v["params"], "kernel_scale": s}
+    return jax.grad(lambda p: jnp.vdot(q.apply({**v, "params": p}, x), dy))(params)
+
+  g_layer = np.asarray(grads(jnp.asarray(s))["kernel_scale"])
+  # By hand: the weights' grid, then the float Flax layer's kernel gradient at those weights.
+  qmin, qmax = cfg.weight_range
+  s_full = np.asarray(s_full, np.float32)
+  vv = w * (np.float32(1) / s_full)
+  r = np.round(vv)
+  w_q = (np.clip(r, qmin, qmax) * s_full).astype(np.float32)
+  f = make_flax()
+  _, vjp = jax.vjp(lambda k: f.apply({"params": {"kernel": k}}, x), jnp.asarray(w_q))
+  (g_wq,) = vjp(dy)
+  term = np.where(r < qmin, qmin, np.where(r > qmax, qmax, r - vv))
+  assert (r < qmin).any() and (r > qmax).any() and ((r >= qmin) & (r <= qmax)).any()
+  per_elem = np.asarray(g_wq, np.float64) * term / np.sqrt(n * qmax)
+  if case == "dense_per_channel":
+    want = per_elem.sum(0)
+  elif case == "dense_per_group":
+    want = per_elem.reshape(2, 3, 4).sum(1)
+  else:
+    want = per_elem.sum()
+  np.testing.assert_allclose(g_layer, np.reshape(want, pshape), rtol=1e-4, atol=1e-6)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_layers_helpers import QUANTIZER_LEAVES, cheap_init, rand
+from test_layers_helpers import QUANTIZER_LEAVES, JitApply, cheap_init, rand
 
 import qatjax
 from qatjax import EPS, QConv, QDense, QuantConfig
@@ -286,17 +286,6 @@ def test_from_float_names_mismatched_paths():
 
 
 # --- mixed precision ------------------------------------------------------------------------------
-
-
-class JitApply:
-  """Duck-types the one method ``convert`` calls on a model, ``apply``, jitted (convert's
-  op-by-op run is exercised in test_layers_convert.py; here it would only cost compile time)."""
-
-  def __init__(self, model):
-    self._apply = jax.jit(model.apply, static_argnames="mutable")
-
-  def apply(self, variables, *args, mutable, **kwargs):
-    return self._apply(variables, *args, mutable=tuple(mutable), **kwargs)
 
 
 MIXED = qatjax.rules({"^Conv_0$|^Dense_1$": QuantConfig(8, 8), ".*": QuantConfig(4, 4)})

@@ -139,6 +139,37 @@ def _check_tree_and_init(layer, fvars, qvars):
       assert float(stats["input_min"]) == float(stats["input_max"]) == 0.0, name
 
 
+def _error_bound(f, cfg, params, ckpt_params, x):
+  """Element-wise bound on |quantized layer - float layer| from the quantization steps alone.
+
+  ``F(x_q, w_q) - F(x, w) = F(x_q - x, w_q) + F(x, w_q - w)`` for the (bilinear, bias-free) float
+  layer ``F``, so ``|error| <= F(e_x, |w| + e_w) + F(|x|, e_w)`` with element-wise bounds
+  ``e_x >= |x_q - x|`` and ``e_w >= |w_q - w|``: the input's range is calibrated on ``x`` itself
+  (observer: min/max; LSQ: initialised from it), so ``e_x`` is one step (half a step of rounding
+  plus at most half a step that the rounded zero point moves the range by); observer weights are
+  min/max per channel (half a step); LSQ weights clip at ``qmax * s``, so
+  ``e_w = max(s / 2, |w| - qmax * s)``. An embedding lookup reads ``e_w``'s rows.
+  """
+  wname = "embedding" if isinstance(f, nn.Embed) else "kernel"
+  w = ckpt_params[wname]
+  qmin, qmax = cfg.weight_range
+  if cfg.method == "lsq":  # the learned step of the state, clamped as the quantizer does
+    s = jnp.maximum(params[f"{wname}_scale"], qatjax.EPS)
+    e_w = jnp.maximum(s / 2, jnp.abs(w) - qmax * s)
+  else:  # per channel: the axes a scale is shared along are the contracted ones
+    n_out = len(f.features) if isinstance(getattr(f, "features", None), tuple) else 1
+    shared = (1,) if wname == "embedding" else tuple(range(w.ndim - n_out))
+    step = jnp.abs(w).max(axis=shared, keepdims=True) / ((qmax - qmin) / 2)
+    e_w = jnp.broadcast_to(step / 2, w.shape)
+  zeros = {k: jnp.zeros_like(a) for k, a in ckpt_params.items()}
+  layer = lambda inputs, weight: f.apply({"params": {**zeros, wname: weight}}, inputs)
+  if wname == "embedding":
+    return layer(x, e_w)
+  aqmin, aqmax = cfg.act_range
+  e_x = (jnp.maximum(x.max(), 0) - jnp.minimum(x.min(), 0)) / (aqmax - aqmin)
+  return layer(jnp.full_like(x, e_x), jnp.abs(w) + e_w) + layer(jnp.abs(x), e_w)
+
+
 CASES = [
   (layer, v)
   for layer in sorted(LAYERS)
@@ -168,8 +199,9 @@ def test_matches_flax_tree_checkpoint_and_disabled_output(layer, variant_name):
       out[name] = (
         q.apply(off, x),
         q.apply(off, x, mutable=["quant_stats"])[0],  # observers update meanwhile
-        q.apply(v, x, mutable=["quant_stats"])[0],
-      )  # enabled
+        q.apply(v, x, mutable=["quant_stats"])[0],  # enabled
+        _error_bound(f, CONFIGS[name], v["params"], ckpt["params"], x),
+      )
     return fvars, qvars, out
 
   fvars, qvars, out = VARIANTS[variant_name](run)(ckpt, x)
@@ -179,12 +211,15 @@ def test_matches_flax_tree_checkpoint_and_disabled_output(layer, variant_name):
     if CONFIGS[name] is None:
       np.testing.assert_array_equal(out[name], y_flax, err_msg=name)
       continue
-    y_eval, y_train, y_on = out[name]
+    y_eval, y_train, y_on, bound = out[name]
     np.testing.assert_array_equal(y_eval, y_flax, err_msg=name)
     np.testing.assert_array_equal(y_train, y_flax, err_msg=name)
-    # Enabled, the layer does quantize (otherwise the equalities above would prove nothing).
+    # Enabled, the layer does quantize (otherwise the equalities above would prove nothing), and
+    # by no more than its quantization steps allow.
     assert not np.array_equal(y_on, y_flax), name
-    np.testing.assert_allclose(y_on, y_flax, atol=0.5 * float(jnp.abs(y_flax).max()), err_msg=name)
+    err = np.abs(np.asarray(y_on, np.float64) - np.asarray(y_flax))
+    slack = 1e-5 * float(np.abs(y_flax).max()) + 1e-6  # float32 summation order
+    assert np.all(err <= np.asarray(bound) + slack), (name, float((err - bound).max()))
 
 
 def test_observer_params_tree_is_exactly_the_float_checkpoint():

@@ -18,13 +18,14 @@ def variant(request):
   return VARIANTS[request.param]
 
 
-def np_lsq(x, s, z, qmin, qmax, dy, gf=1.0):
-  """Element-wise ``y, dx, ds_i, dz_i`` of the formulas in lsq_fake_quant's docstring."""
+def np_lsq(x, s, z, qmin, qmax, dy, gf=1.0, noise=None):
+  """Element-wise ``y, dx, ds_i, dz_i`` of the formulas in lsq_fake_quant's docstring (with
+  ``noise``: stochastic rounding ``floor(v + noise)``)."""
   x = np.asarray(x, np.float32)
   s = np.asarray(s, np.float32)
   z = np.clip(np.round(np.asarray(z, np.float32)), qmin, qmax)
   v = (x * (np.float32(1) / s)).astype(np.float32)
-  r = np.round(v)
+  r = np.round(v) if noise is None else np.floor(v + noise)
   q = r + z
   below, above = q < qmin, q > qmax
   inr = ~below & ~above
@@ -248,8 +249,19 @@ def test_stochastic_rounding_matches_fake_quant_and_grad(variant):
   b = variant(lambda x: fake_quant(x, 0.3, 1.0, -4, 3, key=k))(x)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, fake_quant(x, 0.3, 1.0, -4, 3))
-  ds = variant(jax.grad(lambda s: lsq_fake_quant(x, s, 1.0, -4, 3, key=k).sum()))(0.3)
-  assert np.isfinite(ds)
+  # The gradients use the forward's draw (floor(x / s + u), u = uniform(key, x.shape)): numpy's
+  # formulas with that noise give the same forward, mask and parameter gradients.
+  dy = jnp.asarray(np.random.default_rng(3).normal(size=16), jnp.float32)
+  f = variant(lambda x, s, z: jax.vjp(lambda *a: lsq_fake_quant(*a, -4, 3, key=k), x, s, z))
+  y, vjp = f(x, jnp.float32(0.3), jnp.float32(1.0))
+  dx, ds, dz = vjp(dy)
+  u = np.asarray(jax.random.uniform(k, x.shape, jnp.float32))
+  ry, rdx, rds, rdz = np_lsq(x, 0.3, 1.0, -4, 3, np.asarray(dy), noise=u)
+  np.testing.assert_array_equal(y, ry)
+  np.testing.assert_array_equal(dx, rdx)
+  np.testing.assert_allclose(ds, rds.sum(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dz, rdz.sum(), rtol=1e-5, atol=1e-6)
+  assert 0 < (rdx != 0).sum() < 16 and float(dz) != 0
 
 
 def test_nan_and_inf_gradients(variant):

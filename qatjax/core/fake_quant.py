@@ -301,11 +301,12 @@ def lsq_fake_quant(
     The fake-quantized array.
 
   Example:
-    >>> x = jnp.linspace(-1.0, 1.0, 8)
-    >>> s = lsq_init_scale(x, 7)
-    >>> g = jax.grad(lambda s: lsq_fake_quant(x, s, None, -8, 7).sum())(s)
-    >>> g.shape
-    ()
+    >>> x = jnp.array([-5.0, 0.3, 0.8, 5.0])
+    >>> lsq_fake_quant(x, 1.0, None, -4, 3)
+    Array([-4.,  0.,  1.,  3.], dtype=float32)
+    >>> ds = jax.grad(lambda s: lsq_fake_quant(x, s, None, -4, 3).sum())(1.0)
+    >>> round(float(ds), 4)  # qmin + (round(0.3) - 0.3) + (round(0.8) - 0.8) + qmax
+    -1.1
   """
   learn_zp = zero_point is not None
   if not learn_zp:
