@@ -196,7 +196,7 @@ def test_onnx_special_conv_padding():
   x = jax.random.normal(jax.random.key(0), (8, 9, 2))
   qv = calibrated_conversion(model, x)
   x = jax.random.normal(jax.random.key(5), x.shape)
-  ref = np.asarray(model.apply(qv, x))
+  ref = np.asarray(jax.jit(model.apply)(qv, x))
   proto = export_onnx(model, qv, x)
   np.testing.assert_allclose(run_ort(proto, x, "none"), ref, atol=1e-5 * np.abs(ref).max() + 1e-6)
   pads = {
@@ -250,7 +250,7 @@ def test_onnx_dense_general_matches_integer_path(name):
   qv = calibrated_conversion(model, x)
   assert qv["params"]["QDenseGeneral_0"]["kernel"].shape == (8, 2, 4)  # N-D after convert
   x = jax.random.normal(jax.random.key(5), x.shape)
-  ref = np.asarray(model.apply(qv, x))
+  ref = np.asarray(jax.jit(model.apply)(qv, x))
   proto = export_onnx(model, qv, x)
   onnx.checker.check_model(proto, full_check=True)
   np.testing.assert_allclose(run_ort(proto, x, "none"), ref, atol=1e-5 * np.abs(ref).max() + 1e-6)
@@ -294,7 +294,7 @@ def test_onnx_token_ids_embedding_matches_integer_path(name):
   model = TokenModel(EMBED_CONFIGS[name])
   ids = jax.random.randint(jax.random.key(0), (12, 7), 0, 20)
   qv = calibrated_conversion(model, ids)
-  ref = np.asarray(model.apply(qv, ids))
+  ref = np.asarray(jax.jit(model.apply)(qv, ids))
   proto = export_onnx(model, qv, ids)
   onnx.checker.check_model(proto, full_check=True)
   (graph_input,) = proto.graph.input

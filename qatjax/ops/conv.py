@@ -75,9 +75,8 @@ class ConvGeometry:
     padding, ks, kd = self.padding, self.kernel_size, self.kernel_dilation
     if padding in ("CIRCULAR", "REFLECT"):
       dil = [(k - 1) * d + 1 for k, d in zip(ks, kd)]
-      return {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding], [
-        ((k - 1) // 2, k // 2) for k in dil
-      ]
+      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+      return mode, [((k - 1) // 2, k // 2) for k in dil]
     if padding == "CAUSAL":
       if len(ks) != 1:
         raise ValueError("Causal padding is only implemented for 1D convolutions.")

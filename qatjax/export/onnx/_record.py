@@ -94,10 +94,12 @@ def kind_of(module, method: str) -> str | None:
   kind = kind or layer_kind(module) or _FLOAT_KINDS.get(type(module))
   if kind is None:
     if method == "__call__" and isinstance(module, _UNSUPPORTED):
+      supported = [t.__name__ for t in _QUANTIZED_KINDS] + [
+        f"nn.{t.__name__}" for t in (*LAYERS, *_FLOAT_KINDS)
+      ]
       raise ValueError(
         f"export_onnx: layer {module_path(module)} ({type(module).__name__}) is not supported; "
-        "supported layers: QDense, QDenseGeneral, QConv, QConvBN, QEmbed, QAct, nn.Dense, "
-        "nn.DenseGeneral, nn.Conv, nn.Embed"
+        f"supported layers: {', '.join(supported)}"
       )
     return None
   return kind if method in _METHODS.get(kind, ("__call__",)) else None
@@ -121,9 +123,14 @@ def _input_act(path, params, cfg) -> ActQDQ | None:
     raise ValueError(
       f"export_onnx: layer {path} has an input scale but its config quantizes no activations"
     )
+  return _frozen_act(params, cfg)
+
+
+def _frozen_act(leaves, cfg) -> ActQDQ:
+  """The input quantizer's scale and zero point in ``leaves``, with ``cfg``'s integer range."""
   return ActQDQ(
-    float(np.asarray(params[act_leaf("input", "scale")])),
-    float(np.asarray(params[act_leaf("input", "zero_point")])),
+    float(np.asarray(leaves[act_leaf("input", "scale")])),
+    float(np.asarray(leaves[act_leaf("input", "zero_point")])),
     *cfg.act_range,
   )
 
@@ -198,11 +205,7 @@ def _qact(layer: Layer, recorded, cfg) -> ActQDQ | None:
   enabled = bool(np.asarray(layer.variables.get(STATS, {}).get("enabled", True)))
   if not (enabled and bool(np.asarray(node[act_leaf("input", "calibrated")]))):
     return None
-  return ActQDQ(
-    float(np.asarray(node[act_leaf("input", "scale")])),
-    float(np.asarray(node[act_leaf("input", "zero_point")])),
-    *cfg.act_range,
-  )
+  return _frozen_act(node, cfg)
 
 
 def trace_glue(model, qvars, x, layers: list[Layer], apply_kwargs) -> jcore.ClosedJaxpr:
