@@ -34,6 +34,9 @@ from qatjax import (
   quantize_model,
 )
 from qatjax.export import export_onnx, export_stablehlo, load_stablehlo
+from qatjax.export.onnx._layers import EMITTERS
+from qatjax.export.onnx._primitives import HANDLERS, handler_for
+from qatjax.ops.registry import KINDS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -79,7 +82,8 @@ def run_ort(proto, x, level="all"):
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
   }[level]
   sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-  return sess.run(None, {"input": np.asarray(x, np.float32)})[0]
+  x = np.asarray(x)
+  return sess.run(None, {"input": x if x.dtype.kind in "iu" else x.astype(np.float32)})[0]
 
 
 CNN_CONFIGS = {
@@ -209,16 +213,143 @@ def test_onnx_conv_bn_with_conv_bias():
   np.testing.assert_allclose(run_ort(proto, x, "none"), ref, atol=1e-5 * np.abs(ref).max())
 
 
-class WithEmbed(nn.Module):
+class Padded(nn.Module):
+  """1-D convolutions with the op's special paddings (a Pad node, or the conv's own pads)."""
+
   @nn.compact
-  def __call__(self, x):
-    return QDense(3, config=QuantConfig())(QEmbed(10, 4, config=QuantConfig())(x))
+  def __call__(self, x):  # (B, 9, 2)
+    x = nn.relu(QConv(4, (3,), padding="CIRCULAR", config=QuantConfig())(x))
+    x = nn.relu(QConv(4, (3,), padding="REFLECT", kernel_dilation=2, config=QuantConfig())(x))
+    return QConv(3, (3,), padding="CAUSAL", kernel_dilation=2, config=QuantConfig())(x)
 
 
-class WithGeneral(nn.Module):
+def test_onnx_special_conv_padding():
+  model = Padded()
+  x = jax.random.normal(jax.random.key(0), (8, 9, 2))
+  qv = calibrated_conversion(model, x)
+  x = jax.random.normal(jax.random.key(5), x.shape)
+  ref = np.asarray(jax.jit(model.apply)(qv, x))
+  proto = export_onnx(model, qv, x)
+  np.testing.assert_allclose(run_ort(proto, x, "none"), ref, atol=1e-5 * np.abs(ref).max() + 1e-6)
+  pads = {
+    n.op_type + ":" + onnx.helper.get_attribute_value(n.attribute[0]).decode()
+    for n in proto.graph.node
+    if n.op_type == "Pad"
+  }
+  assert pads == {"Pad:wrap", "Pad:reflect"}
+  convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+  attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in convs]
+  assert [a["pads"] for a in attrs] == [[0, 0], [0, 0], [4, 0]]  # causal: (k - 1) * d before
+
+
+class General(nn.Module):
+  """QDenseGeneral with one contracted axis into two output axes, with two contracted axes, and
+  with a contracted axis that is not the last."""
+
+  cfg: QuantConfig
+
+  @nn.compact
+  def __call__(self, x):  # (B, 5, 8)
+    h = nn.relu(QDenseGeneral((2, 4), config=self.cfg)(x))  # kernel (8, 2, 4) -> (B, 5, 2, 4)
+    h = nn.relu(QDenseGeneral(6, axis=(-2, -1), config=QuantConfig())(h))  # (2, 4, 6) -> (B, 5, 6)
+    return QDenseGeneral(3, axis=1, config=self.cfg)(h)  # kernel (5, 3) -> (B, 6, 3)
+
+
+GENERAL_CONFIGS = {
+  "int8": QuantConfig(),
+  "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
+}
+
+
+def initializer_of(proto, node):
+  """The initializer a node's first input reads (a DequantizeLinear's integers)."""
+  return next(t for t in proto.graph.initializer if t.name == node.input[0])
+
+
+def dequantize_attrs(proto):
+  return [
+    (initializer_of(proto, n), {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+    for n in proto.graph.node
+    if n.op_type == "DequantizeLinear"
+    and any(t.name == n.input[0] for t in proto.graph.initializer)
+  ]
+
+
+@pytest.mark.parametrize("name", sorted(GENERAL_CONFIGS))
+def test_onnx_dense_general_matches_integer_path(name):
+  model = General(GENERAL_CONFIGS[name])
+  x = jax.random.normal(jax.random.key(0), (16, 5, 8))
+  qv = calibrated_conversion(model, x)
+  assert qv["params"]["QDenseGeneral_0"]["kernel"].shape == (8, 2, 4)  # N-D after convert
+  x = jax.random.normal(jax.random.key(5), x.shape)
+  ref = np.asarray(jax.jit(model.apply)(qv, x))
+  proto = export_onnx(model, qv, x)
+  onnx.checker.check_model(proto, full_check=True)
+  np.testing.assert_allclose(run_ort(proto, x, "none"), ref, atol=1e-5 * np.abs(ref).max() + 1e-6)
+  fused = run_ort(proto, x, "all")
+  assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+  assert np.abs(fused - ref).max() <= 0.03 * np.abs(ref).max()
+  np.testing.assert_allclose(run_ort(proto, x[:3], "none"), ref[:3], atol=1e-5 * np.abs(ref).max())
+  # Kernels as (K, N) integer matrices: per output column, or blocks of 4 along K.
+  (w0, a0), (w1, a1), (w2, a2) = dequantize_attrs(proto)
+  assert [list(w.dims) for w in (w0, w1, w2)] == [[8, 8], [8, 6], [5, 3]]
+  assert a1 == {"axis": 1}
+  want = {"axis": 0, "block_size": 4} if name == "int4_group" else {"axis": 1}
+  assert a0 == want and a2 == want
+  int4 = onnx.TensorProto.INT4
+  assert (w0.data_type == int4) == (w2.data_type == int4) == (name == "int4_group")
+
+
+class TokenModel(nn.Module):
+  """Token ids in: a quantized table (lookup and tied ``attend`` head), float position
+  embeddings, a quantized and a float DenseGeneral."""
+
+  cfg: QuantConfig
+
+  @nn.compact
+  def __call__(self, ids):  # (B, T) int32
+    tokens = QEmbed(20, 8, config=self.cfg)
+    h = tokens(ids) + nn.Embed(ids.shape[1], 8)(jnp.arange(ids.shape[1]))
+    h = nn.relu(QDenseGeneral((2, 4), config=QuantConfig())(h))
+    h = nn.DenseGeneral(8, axis=(-2, -1))(h)
+    return tokens.attend(h)
+
+
+EMBED_CONFIGS = {
+  "int8": QuantConfig(),
+  "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMBED_CONFIGS))
+def test_onnx_token_ids_embedding_matches_integer_path(name):
+  model = TokenModel(EMBED_CONFIGS[name])
+  ids = jax.random.randint(jax.random.key(0), (12, 7), 0, 20)
+  qv = calibrated_conversion(model, ids)
+  ref = np.asarray(jax.jit(model.apply)(qv, ids))
+  proto = export_onnx(model, qv, ids)
+  onnx.checker.check_model(proto, full_check=True)
+  (graph_input,) = proto.graph.input
+  assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT32
+  lookups = [n for n in proto.graph.node if n.op_type == "Gather"]
+  assert [n.input[1] for n in lookups][:1] == ["input"]  # the token lookup reads the ids
+  # One integer table serves the lookup and the tied head: one scale per row, or per 4 features.
+  tables = [(w, a) for w, a in dequantize_attrs(proto) if list(w.dims) == [20, 8]]
+  assert len(tables) == 1
+  want = {"axis": 1, "block_size": 4} if name == "int4_group" else {"axis": 0}
+  assert tables[0][1] == want
+  np.testing.assert_allclose(run_ort(proto, ids, "none"), ref, atol=1e-5 * np.abs(ref).max() + 1e-6)
+  fused = run_ort(proto, ids, "all")
+  assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+  assert np.abs(fused - ref).max() <= 0.03 * np.abs(ref).max()
+  small = run_ort(proto, ids[:2], "none")  # dynamic batch
+  np.testing.assert_allclose(small, ref[:2], atol=1e-5 * np.abs(ref).max())
+
+
+class WithEinsum(nn.Module):
   @nn.compact
   def __call__(self, x):
-    return QDenseGeneral((2, 3), config=QuantConfig())(x)
+    return nn.Einsum((4, 3), "bi,ij->bj")(x)
 
 
 class WithCumsum(nn.Module):
@@ -227,25 +358,48 @@ class WithCumsum(nn.Module):
     return QDense(3, config=QuantConfig())(jnp.cumsum(x, axis=-1))
 
 
+class WithEmbed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return QDense(3, config=QuantConfig())(QEmbed(10, 4, config=QuantConfig())(x))
+
+
 def test_onnx_unsupported_layers_and_ops_are_named():
   x = jnp.ones((2, 4))
   for model, match in [
-    (WithGeneral(), "QDenseGeneral_0.*QDenseGeneral.*not supported"),
+    (WithEinsum(), "Einsum_0.*Einsum.*not supported"),
     (WithCumsum(), "unsupported operation 'cumsum'"),
   ]:
-    qv = calibrated_conversion(model, x)
+    v = model.init(jax.random.key(0), x)
+    qv = calibrated_conversion(model, x) if "quant_stats" in v else v
     with pytest.raises(ValueError, match=match):
       export_onnx(model, qv, x)
+  attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)
+  qm = quantize_model(attention, QuantConfig(8, 8))
+  x3 = jnp.ones((2, 3, 4))
+  qv = calibrated_conversion(qm, x3)
+  with pytest.raises(ValueError, match=r"<root> \(MultiHeadDotProductAttention\).*not supported"):
+    export_onnx(qm, qv, x3)
   model = WithEmbed()
   ids = jnp.array([[1, 2]])
   v = model.init(jax.random.key(0), ids)
-  with pytest.raises(ValueError, match=r"float array|QEmbed_0"):
-    export_onnx(model, v, ids)
+  with pytest.raises(ValueError, match=r"QEmbed_0.*not converted"):
+    export_onnx(model, v, ids)  # QAT variables: the table is float
+  with pytest.raises(ValueError, match=r"float array or integer ids, got bool"):
+    export_onnx(model, v, ids > 0)
   model = CNN(QuantConfig())
   x = jnp.ones((2, 8, 8, 1))
   v = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"QConvBN_0.*convert"):
     export_onnx(model, v, x)  # QAT variables, not converted
+
+
+def test_onnx_tables_cover_kinds_and_reject_unknown_primitives():
+  # every layer kind has an emitter, except the two the exporter refuses by name
+  assert set(EMITTERS) == set(KINDS) - {"einsum", "attention"}
+  assert handler_for("tanh") is HANDLERS["tanh"]
+  with pytest.raises(ValueError, match="unsupported operation 'not_a_primitive'"):
+    handler_for("not_a_primitive")
 
 
 # --- StableHLO ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 imported lazily.
 """
 
-from qatjax.export._onnx import export_onnx
+from qatjax.export.onnx import export_onnx
 from qatjax.export.stablehlo import export_stablehlo, load_stablehlo
 
 __all__ = ["export_onnx", "export_stablehlo", "load_stablehlo"]

@@ -70,20 +70,31 @@ class ConvGeometry:
       canonicalize_padding(module.padding, n),
     )
 
-  def pad_special(self, x, value=0):
-    """``(x, lax_padding)``: CIRCULAR / REFLECT / CAUSAL padding done on ``x``, as ``nn.Conv``
-    does; other paddings are returned for ``lax``."""
+  def special_pads(self):
+    """``(mode, [(lo, hi), ...])`` of CIRCULAR / REFLECT / CAUSAL padding (``jnp.pad``'s mode
+    ``"wrap"`` / ``"reflect"`` / ``"constant"``, per spatial dim), else ``None``."""
     padding, ks, kd = self.padding, self.kernel_size, self.kernel_dilation
     if padding in ("CIRCULAR", "REFLECT"):
       dil = [(k - 1) * d + 1 for k, d in zip(ks, kd)]
-      pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dil] + [(0, 0)]
-      return jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
+      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+      return mode, [((k - 1) // 2, k // 2) for k in dil]
     if padding == "CAUSAL":
       if len(ks) != 1:
         raise ValueError("Causal padding is only implemented for 1D convolutions.")
-      pads = [(0, 0), (kd[0] * (ks[0] - 1), 0), (0, 0)]
+      return "constant", [(kd[0] * (ks[0] - 1), 0)]
+    return None
+
+  def pad_special(self, x, value=0):
+    """``(x, lax_padding)``: CIRCULAR / REFLECT / CAUSAL padding done on ``x``, as ``nn.Conv``
+    does; other paddings are returned for ``lax``."""
+    special = self.special_pads()
+    if special is None:
+      return x, self.padding
+    mode, spatial = special
+    pads = [(0, 0)] + spatial + [(0, 0)]
+    if mode == "constant":
       return jnp.pad(x, pads, constant_values=value), "VALID"
-    return x, padding
+    return jnp.pad(x, pads, mode=mode), "VALID"
 
   def explicit_pads(self, spatial_shape, lax_padding):
     """``lax_padding`` as ``[(lo, hi), ...]`` for inputs of ``spatial_shape``."""
