@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import assert_bitwise
 
 from qatjax import QConvBN, QDense, QuantConfig
 from qatjax.training import (
@@ -44,13 +45,6 @@ def train(state, steps):
     j = int(state.step) % 4
     state, _ = STEP(state, (X[8 * j : 8 * j + 8], Y[8 * j : 8 * j + 8]))
   return state
-
-
-def assert_bitwise(a, b):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-    u, v = np.asarray(u), np.asarray(v)
-    assert u.dtype == v.dtype and np.array_equal(u, v), jax.tree_util.keystr(path)
 
 
 def listing(d):

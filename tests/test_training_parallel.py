@@ -1,10 +1,9 @@
 """qatjax.training: data-parallel training over a 4-device CPU mesh (in a subprocess, because the
 device count must be set before jax is imported)."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import os, tempfile
@@ -88,8 +87,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert proc.returncode == 0 and "PARALLEL-OK" in proc.stdout, proc.stdout + proc.stderr[-5000:]
+  run_on_cpu_devices(SCRIPT, 4, "PARALLEL-OK", timeout=300)

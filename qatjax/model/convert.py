@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flax import traverse_util
 
-from qatjax.ops.registry import ACT_SITES, CONVERTED_MARKERS, RECORD, STATS, act_leaf
+from qatjax.model.sharding import place_like_weight
+from qatjax.ops.registry import ACT_SITES, CONVERTED_MARKERS, RECORD, STATS, WEIGHTS, act_leaf
 
 
 def _flat(tree):
@@ -36,6 +37,10 @@ def convert(model, variables, *args, **kwargs) -> dict:
   their ``bias`` the folded BN shift. Biases stay float32 (added after the int32 accumulator is
   rescaled). The layer's quantizer parameters and statistics are dropped; float layers are left
   untouched.
+
+  Shardings are kept: when a layer's float weight is split over a mesh (a ``NamedSharding``),
+  the stored integers, their scales and the layer's other recorded tensors follow it
+  (:mod:`qatjax.model.sharding`), so the integer model is split as the trained one was.
 
   The result is a variables dict for the *same* model: ``model.apply(qvars, x)`` then runs
   int8 x int8 -> int32 matmuls and convolutions.
@@ -74,12 +79,14 @@ def convert(model, variables, *args, **kwargs) -> dict:
   stats = _flat(variables.get(STATS, {}))
   for layer in layers:
     _check_calibrated(layer, record, stats)
+    weight = next((k[-1] for k in record if k[:-1] == layer and k[-1] in WEIGHTS), None)
+    source = None if weight is None else params.get(layer + (weight,))  # attention: no weight
     # Quantizer and BN parameters (folded into kernel and bias) go; the bias stays unless the
     # layer recorded a folded one.
     for key in [k for k in params if k[:-1] == layer and k[-1] != "bias"]:
       del params[key]
     for key in [k for k in record if k[:-1] == layer]:
-      params[key] = record[key]
+      params[key] = place_like_weight(source, weight, record[key])
     for key in [k for k in stats if k[:-1] == layer]:
       del stats[key]
   out = {"params": traverse_util.unflatten_dict(params)}

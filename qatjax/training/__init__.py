@@ -20,6 +20,12 @@ scales. Multi-host: run the same script on every host after ``jax.distributed.in
 ``data_mesh()`` then spans the devices of all hosts and each host passes its own part of the
 global batch to the step (assembled with ``jax.make_array_from_process_local_data``). Details in
 ``qatjax/training/_parallel.py``.
+
+Sharded parameters (tensor parallel / FSDP): ``make_train_step(mesh=data_model_mesh(2),
+param_sharding={".*kernel": P(None, "model")})`` splits the matched parameters over the mesh;
+quantizer state follows its weight, optimizer moments their parameter (``_sharding.py``), and
+``qatjax.convert`` keeps the split. Runs that survive being killed: ``fit(...,
+checkpoint_dir=..., checkpoint_every=N)`` resumes bitwise from the latest complete checkpoint.
 """
 
 from qatjax.training._checkpoint import restore_checkpoint, save_checkpoint
@@ -28,15 +34,17 @@ from qatjax.training._distill import Teacher, distillation_loss
 from qatjax.training._evaluate import evaluate
 from qatjax.training._fit import fit
 from qatjax.training._optim import make_optimizer, quant_param_labels
-from qatjax.training._parallel import data_mesh, replicate, shard_batch
+from qatjax.training._parallel import data_mesh, data_model_mesh, replicate, shard_batch
 from qatjax.training._plots import plot_history, plot_quantization, quantization_summary
 from qatjax.training._ptq import calibrate
 from qatjax.training._schedule import QATSchedule
+from qatjax.training._sharding import ShardingRules, shard_state, sharding_rules
 from qatjax.training._state import TrainState, create_train_state
 from qatjax.training._steps import Step, cross_entropy, make_eval_step, make_train_step
 
 __all__ = [
   "QATSchedule",
+  "ShardingRules",
   "Step",
   "Teacher",
   "TrainState",
@@ -44,6 +52,7 @@ __all__ = [
   "create_train_state",
   "cross_entropy",
   "data_mesh",
+  "data_model_mesh",
   "distillation_loss",
   "evaluate",
   "fit",
@@ -59,4 +68,6 @@ __all__ = [
   "restore_checkpoint",
   "save_checkpoint",
   "shard_batch",
+  "shard_state",
+  "sharding_rules",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 from qatjax.training._data import check_arrays, iterate_batches
 from qatjax.training._evaluate import evaluate
 from qatjax.training._plots import plot_history, plot_quantization
+from qatjax.training._resume import check_checkpointing, maybe_save, resume
 
 
 def _is_arrays(data) -> bool:
@@ -46,13 +48,25 @@ def fit(
   rng,
   progress: bool = True,
   plot_dir: str | None = None,
+  checkpoint_dir: str | None = None,
+  checkpoint_every: int | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains ``state`` for ``epochs`` epochs; returns ``(state, history)``.
 
   Every batch has exactly ``batch_size`` rows (the last incomplete one is dropped), so the train
   step compiles once. With numpy arrays the rows are shuffled each epoch with
-  ``fold_in(rng, epoch)``, where the epoch number continues from ``state.step`` (a run resumed
-  from a checkpoint at an epoch boundary sees the same batches as an uninterrupted one).
+  ``fold_in(rng, epoch)`` and step ``t`` trains on batch ``t % steps_per_epoch`` of epoch
+  ``t // steps_per_epoch``: the run covers steps ``state.step`` to ``state.step + epochs *
+  steps_per_epoch``, and a run resumed from any step sees the same batches as an uninterrupted
+  one.
+
+  With ``checkpoint_dir`` the run survives being killed: the whole state is saved there with
+  orbax every ``checkpoint_every`` steps and at the end, and a call that finds a complete
+  checkpoint there resumes from the latest one (placed as ``train_step`` keeps its state) instead
+  of ``state``. Calling ``fit`` again with the same arguments after a crash finishes the same run,
+  bitwise equal to an uninterrupted one (data order from the step, dropout keys from
+  ``state.step``; the same mesh is needed for bitwise equality). A write that was interrupted is
+  never restored: the previous complete checkpoint is used, with a warning naming it.
 
   Args:
     state: a :class:`TrainState`.
@@ -67,18 +81,24 @@ def fit(
     progress: show a tqdm progress bar with the running loss / accuracy.
     plot_dir: if set, write ``loss.png``, ``accuracy.png`` (metric curves) and, for a quantized
       model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
+    checkpoint_dir: save checkpoints here and resume from the latest one (needs ``(x, y)``
+      arrays as ``train_data``).
+    checkpoint_every: steps between checkpoints (default: one epoch).
 
   Returns:
-    ``(state, history)``: ``history`` has one dict per epoch: ``epoch`` (1-based, continuing
-    from ``state.step``), ``step``, ``seconds``, ``train_loss``, ``train_accuracy`` and, with
-    ``eval_data``, ``eval_loss``, ``eval_accuracy``.
+    ``(state, history)``: ``history`` has one dict per epoch (part of an epoch when the run
+    starts or ends inside one) trained in this call: ``epoch`` (1-based, from the step),
+    ``step``, ``seconds``, ``train_loss``, ``train_accuracy`` and, with ``eval_data``,
+    ``eval_loss``, ``eval_accuracy``.
 
   Raises:
     ValueError: bad ``epochs`` / ``batch_size``, fewer rows than ``batch_size``, ``eval_data``
-      without ``eval_step``, a one-shot iterator with ``epochs > 1``, an epoch with no full batch.
+      without ``eval_step``, a one-shot iterator with ``epochs > 1``, an epoch with no full batch;
+      bad checkpoint options, or a checkpoint in ``checkpoint_dir`` of another state tree, mesh
+      layout or past this run's end (before the first step; nothing is written).
 
   Example:
-    >>> import numpy as np, optax
+    >>> import os, numpy as np, optax
     >>> from qatjax import QDense, QuantConfig
     >>> from qatjax.training import create_train_state, fit, make_train_step
     >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
@@ -89,6 +109,19 @@ def fit(
     ...               rng=jax.random.key(1), progress=False)
     >>> [h["epoch"] for h in hist], int(s.step)
     ([1, 2], 8)
+
+    Checkpointed every 3 steps; a second call finds the finished run and trains nothing:
+
+    >>> import tempfile
+    >>> d, s0 = tempfile.mkdtemp(), create_train_state(QDense(2, config=QuantConfig()),
+    ...                                                optax.adam(1e-2), jax.random.key(0), x[:1])
+    >>> kw = dict(epochs=2, batch_size=8, train_step=make_train_step(), rng=1, progress=False)
+    >>> s, _ = fit(s0, (x, y), checkpoint_dir=d, checkpoint_every=3, **kw)
+    >>> sorted(os.listdir(d), key=int)
+    ['3', '6', '8']
+    >>> s2, hist = fit(s0, (x, y), checkpoint_dir=d, checkpoint_every=3, **kw)
+    >>> int(s2.step), hist
+    (8, [])
   """
   from tqdm.auto import tqdm  # optional dependency
 
@@ -125,21 +158,38 @@ def fit(
       f"got {type(train_data).__name__}"
     )
 
-  start_epoch = int(jax.device_get(state.step)) // steps_per_epoch if steps_per_epoch else 0
+  check_checkpointing(checkpoint_dir, checkpoint_every, arrays)
+  if arrays is not None:  # step t: batch t % steps_per_epoch of epoch t // steps_per_epoch
+    first = int(jax.device_get(state.step))
+    last = first + epochs * steps_per_epoch
+    if checkpoint_dir is not None:
+      state = resume(checkpoint_dir, state, train_step, last)
+      first = int(jax.device_get(state.step))
+    spans = [
+      (e, max(first, e * steps_per_epoch), min(last, (e + 1) * steps_per_epoch))
+      for e in range(first // steps_per_epoch, -(-last // steps_per_epoch))
+    ]
+    spans = [(e, lo, hi) for e, lo, hi in spans if hi > lo]
+  else:
+    spans = [(e, None, None) for e in range(epochs)]
+  every = checkpoint_every or steps_per_epoch
   history: list[dict[str, float]] = []
   example = None
-  for e in range(epochs):
-    epoch = start_epoch + e
+  for epoch, lo, hi in spans:
     if arrays is not None:
       key = None if rng is None else jax.random.fold_in(rng, epoch)
-      batches = iterate_batches(arrays, batch_size, rng=key)
+      start = epoch * steps_per_epoch
+      batches = itertools.islice(
+        iterate_batches(arrays, batch_size, rng=key), lo - start, hi - start
+      )
     else:
       batches = source(epoch)
-    every = max(1, (steps_per_epoch or 200) // 20)
+    total = None if arrays is None else hi - lo
+    show_every = max(1, (total or 200) // 20)
     t0 = time.perf_counter()
     collected = []
     with tqdm(
-      total=steps_per_epoch,
+      total=total,
       desc=f"epoch {epoch + 1}",
       disable=not progress,
       unit="step",
@@ -152,8 +202,10 @@ def fit(
           example = batch[0]
         state, metrics = train_step(state, batch)
         collected.append(metrics)
+        if arrays is not None:
+          maybe_save(checkpoint_dir, state, lo + len(collected), every, last)
         bar.update(1)
-        if progress and len(collected) % every == 0:
+        if progress and len(collected) % show_every == 0:
           bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()})
       if not collected:
         raise ValueError(

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from qatjax.training._parallel import batch_sharding, replicate, replicated, shard_batch
+from qatjax.training._parallel import batch_sharding, replicated, shard_batch
 from qatjax.training._schedule import QATSchedule
+from qatjax.training._sharding import ShardingRules, shard_state, sharding_rules, state_shardings
 from qatjax.training._state import STATE_COLLECTIONS
 
 MODES = ("qat", "ptq")
@@ -65,7 +66,8 @@ class Step:
 
   Attributes:
     jitted: the ``jax.jit`` function (``jitted.lower(...)``, ``jitted._cache_size()``).
-    mesh: the data-parallel mesh, or ``None``.
+    mesh: the mesh, or ``None``.
+    param_sharding: the :class:`ShardingRules` for parameters, or ``None`` (replicated).
     apply_kwargs: keyword arguments passed to ``model.apply``.
     schedule: the :class:`QATSchedule`, or ``None``.
     mode: ``"qat"``, ``"ptq"`` or ``"eval"``.
@@ -82,10 +84,14 @@ class Step:
     ('qat', 1)
   """
 
-  def __init__(self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len, extra=()):
+  def __init__(
+    self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len, extra=(), param_sharding=None
+  ):
     self.jitted = jitted
     self.extra = extra  # further arguments of ``jitted`` (a teacher's variables)
     self.mesh = mesh
+    self.param_sharding = param_sharding
+    self._placed_tree = None  # the tree structure of the last state placed on the mesh
     self.apply_kwargs = apply_kwargs
     self.schedule = schedule
     self.mode = mode
@@ -103,12 +109,27 @@ class Step:
       )
     batch = tuple(batch)  # a list and a tuple would be two jit cache entries
     if self.mesh is not None:
-      state = replicate(self.mesh, state)
+      state = self.shard_state(state)
       batch = shard_batch(self.mesh, batch)
     return self.jitted(state, batch, self.extra)
 
+  def shard_state(self, state):
+    """``state`` placed as this step keeps it (:func:`shard_state`; as is without a mesh).
 
-def _check_common(schedule, apply_kwargs, mesh):
+    A state this step returned (same tree, every leaf on the mesh) is passed through as is.
+    """
+    if self.mesh is None:
+      return state
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    on_mesh = lambda x: isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == self.mesh
+    if self._placed_tree is not None and tree == self._placed_tree and all(map(on_mesh, leaves)):
+      return state
+    state = shard_state(self.mesh, state, self.param_sharding)
+    self._placed_tree = tree
+    return state
+
+
+def _check_common(schedule, apply_kwargs, mesh, param_sharding):
   if schedule is not None and not isinstance(schedule, QATSchedule):
     raise ValueError(f"schedule must be a QATSchedule or None, got {schedule!r}")
   kw = dict(apply_kwargs or {})
@@ -117,18 +138,37 @@ def _check_common(schedule, apply_kwargs, mesh):
     raise ValueError(f"apply_kwargs may not set {clash}: the step chooses them")
   if mesh is not None and not isinstance(mesh, Mesh):
     raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {mesh!r}")
-  return kw
+  if param_sharding is None:
+    return kw, None
+  if mesh is None:
+    raise ValueError("param_sharding needs a mesh (e.g. data_model_mesh(2))")
+  rules = sharding_rules(param_sharding)
+  rules.check_mesh(mesh)
+  return kw, rules
 
 
-def _jit(fn, mesh, out_state: bool, donate: bool):
+def _jit(fn, mesh, rules: ShardingRules | None, out_state: bool, donate: bool):
+  """``fn(state, batch)`` jitted; with a mesh, the batch split over its batch axes and the state
+  kept where :func:`state_shardings` puts it (the caller places the input state so; the program
+  constrains the state it returns the same way)."""
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
   rep = replicated(mesh)
+
+  def placed(state, batch, extra):
+    out = fn(state, batch, extra)
+    if not out_state:
+      return out
+    new_state, metrics = out
+    return jax.lax.with_sharding_constraint(
+      new_state, state_shardings(mesh, new_state, rules)
+    ), metrics
+
   return jax.jit(
-    fn,
-    in_shardings=(rep, batch_sharding(mesh), rep),
-    out_shardings=(rep, rep) if out_state else rep,
+    placed,
+    in_shardings=(None, batch_sharding(mesh), rep),  # the state comes placed (Step.shard_state)
+    out_shardings=(None, rep) if out_state else rep,
     donate_argnums=donate_argnums,
   )
 
@@ -141,6 +181,7 @@ def make_train_step(
   apply_kwargs: Mapping[str, Any] | None = None,
   rng=None,
   mesh: Mesh | None = None,
+  param_sharding: Mapping[str, Any] | ShardingRules | None = None,
   donate: bool = False,
   teacher=None,
 ) -> Step:
@@ -166,9 +207,12 @@ def make_train_step(
     apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": True}``).
     rng: a PRNG key; if given, ``rngs={"dropout": fold_in(rng, step)}`` is passed to the model
       (deterministic, so a resumed run draws the same masks).
-    mesh: a data-parallel mesh (:func:`data_mesh`): the state is replicated, the batch sharded
-      along axis 0, and the program compiled with these shardings (multi-host: see the
-      ``qatjax.training`` package notes).
+    mesh: a mesh (:func:`data_mesh`, :func:`data_model_mesh`): the batch is split along axis 0
+      over its axes but ``"model"``, the state placed by :func:`shard_state` (replicated unless
+      ``param_sharding`` splits parameters), and the program compiled with these shardings
+      (multi-host: see the ``qatjax.training`` package notes).
+    param_sharding: ``{regex: PartitionSpec}`` rules splitting parameters over the mesh
+      (:func:`sharding_rules`); quantizer state follows its weight.
     donate: donate the input state's buffers (saves memory; the old state is then invalid).
     teacher: a :class:`Teacher` (distillation): it runs forward on the same inputs and the loss
       becomes :func:`distillation_loss` against its outputs (``loss_fn``, if given, is the label
@@ -178,9 +222,11 @@ def make_train_step(
     A :class:`Step`. ``metrics`` holds ``loss`` and, for classification outputs, ``accuracy``.
 
   Raises:
-    ValueError: a bad ``mode`` / ``schedule`` / ``apply_kwargs``; when called, a batch that is
-      not ``(inputs, labels)`` or whose size does not divide the mesh's device count;
-      ``mode="ptq"`` or a schedule with a float model.
+    ValueError: a bad ``mode`` / ``schedule`` / ``apply_kwargs``, ``param_sharding`` without a
+      mesh or naming an axis the mesh lacks; when called (before the step runs), a batch that is
+      not ``(inputs, labels)`` or whose size the mesh's batch axes do not divide, a sharding rule
+      that matches no parameter or cannot split its shape; ``mode="ptq"`` or a schedule with a
+      float model.
 
   Example:
     >>> import optax
@@ -201,7 +247,7 @@ def make_train_step(
     raise ValueError(f"a teacher distils into a trained student: mode must be 'qat', got {mode!r}")
   if teacher is not None and not hasattr(teacher, "loss_fn"):
     raise ValueError(f"teacher must be a qatjax.training.Teacher, got {type(teacher).__name__}")
-  kw = _check_common(schedule, apply_kwargs, mesh)
+  kw, rules = _check_common(schedule, apply_kwargs, mesh, param_sharding)
 
   def step(state, batch, teacher_variables):
     x, y = batch
@@ -234,8 +280,9 @@ def make_train_step(
     return state.apply_gradients(grads=grads, **{c: upd[c] for c in mutable}), metrics
 
   return Step(
-    _jit(step, mesh, True, donate),
+    _jit(step, mesh, rules, True, donate),
     mesh=mesh,
+    param_sharding=rules,
     apply_kwargs=kw,
     schedule=schedule,
     mode=mode,
@@ -250,6 +297,7 @@ def make_eval_step(
   *,
   apply_kwargs: Mapping[str, Any] | None = None,
   mesh: Mesh | None = None,
+  param_sharding: Mapping[str, Any] | ShardingRules | None = None,
 ) -> Step:
   """A jit-compiled ``eval_step(state, (inputs, labels[, mask])) -> metrics``.
 
@@ -262,7 +310,8 @@ def make_eval_step(
     loss_fn: as in :func:`make_train_step`.
     schedule: if given, the flags are set from ``state.step`` as the next train step would.
     apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": False}``).
-    mesh: a data-parallel mesh, as in :func:`make_train_step`.
+    mesh: a mesh, as in :func:`make_train_step`.
+    param_sharding: parameter sharding rules, as in :func:`make_train_step`.
 
   Returns:
     A :class:`Step` returning ``{"loss", "accuracy" (classification), "count"}``.
@@ -278,7 +327,7 @@ def make_eval_step(
     3.0
   """
   loss_fn = cross_entropy if loss_fn is None else loss_fn
-  kw = _check_common(schedule, apply_kwargs, mesh)
+  kw, rules = _check_common(schedule, apply_kwargs, mesh, param_sharding)
 
   def step(state, batch, _):
     x, y = batch[0], batch[1]
@@ -293,8 +342,9 @@ def make_eval_step(
     return metrics
 
   return Step(
-    _jit(step, mesh, False, False),
+    _jit(step, mesh, rules, False, False),
     mesh=mesh,
+    param_sharding=rules,
     apply_kwargs=kw,
     schedule=schedule,
     mode="eval",

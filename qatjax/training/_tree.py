@@ -30,22 +30,28 @@ def leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   }
 
 
-def metadata_specs(tree, prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
-  """``{path: (shape, dtype)}`` of an orbax metadata tree (nested dicts / lists of metadata)."""
-  out = {}
+def metadata_leaves(tree, prefix: str = "") -> dict:
+  """``{path: leaf}`` of an orbax metadata tree (nested dicts / lists of array metadata)."""
   if tree is None:
-    return out
+    return {}
   if isinstance(tree, dict):
     items = tree.items()
   elif isinstance(tree, (list, tuple)):
     items = enumerate(tree)
   else:
-    shape = getattr(tree, "shape", ())
-    dtype = getattr(tree, "dtype", None)
-    out[prefix] = (tuple(shape or ()), str(np.dtype(dtype)) if dtype is not None else "?")
-    return out
+    return {prefix: tree}
+  out = {}
   for k, v in items:
-    out.update(metadata_specs(v, f"{prefix}/{k}" if prefix else str(k)))
+    out.update(metadata_leaves(v, f"{prefix}/{k}" if prefix else str(k)))
+  return out
+
+
+def metadata_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{path: (shape, dtype)}`` of an orbax metadata tree (nested dicts / lists of metadata)."""
+  out = {}
+  for path, leaf in metadata_leaves(tree).items():
+    shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
+    out[path] = (tuple(shape or ()), str(np.dtype(dtype)) if dtype is not None else "?")
   return out
 
 
