@@ -55,7 +55,7 @@ def fit(
   from a checkpoint at an epoch boundary sees the same batches as an uninterrupted one).
 
   Args:
-    state: a :class:`TrainState`.
+    state: a :class:`TrainState`, or an ``nnx.ModelAndOptimizer`` (trained in place).
     train_data: ``(x, y)`` numpy arrays; or an iterable of ``(x, y)`` batches (a list is reused
       every epoch; a one-shot iterator only allows ``epochs=1``); or ``epoch -> iterable``.
     epochs: number of epochs to run in this call.
@@ -66,7 +66,7 @@ def fit(
     rng: PRNG key (or int seed) for shuffling; ``None``: no shuffling.
     progress: show a tqdm progress bar with the running loss / accuracy.
     plot_dir: if set, write ``loss.png``, ``accuracy.png`` (metric curves) and, for a quantized
-      model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
+      Linen model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
 
   Returns:
     ``(state, history)``: ``history`` has one dict per epoch: ``epoch`` (1-based, continuing
@@ -173,7 +173,7 @@ def fit(
 
   if plot_dir is not None:
     plot_history(history, plot_dir)
-    if state.quant_stats and example is not None:
+    if getattr(state, "quant_stats", None) and example is not None:  # a Linen TrainState
       kwargs = getattr(eval_step if eval_step is not None else train_step, "apply_kwargs", None)
       plot_quantization(state, example, plot_dir, apply_kwargs=kwargs)
   return state, history

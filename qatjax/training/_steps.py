@@ -10,6 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from qatjax.training._nnx_steps import (
+  check_nnx_options,
+  is_nnx_state,
+  nnx_eval_step,
+  nnx_train_step,
+)
 from qatjax.training._parallel import batch_sharding, replicate, replicated, shard_batch
 from qatjax.training._schedule import QATSchedule
 from qatjax.training._state import STATE_COLLECTIONS
@@ -59,9 +65,17 @@ def loss_and_metrics(loss_fn, out, labels, mask=None):
   return loss, metrics
 
 
+def _count(labels, mask):
+  """The number of real examples of a batch (``mask``: 1 = real, 0 = padding)."""
+  if mask is None:
+    return jnp.float32(jnp.shape(labels)[0])
+  return jnp.sum(jnp.asarray(mask, jnp.float32))
+
+
 class Step:
   """A compiled step, called as ``step(state, batch)``; made by :func:`make_train_step` or
-  :func:`make_eval_step`.
+  :func:`make_eval_step`. ``state`` is a :class:`TrainState` (Linen) or an
+  ``nnx.ModelAndOptimizer`` (NNX, updated in place; see ``qatjax/training/_nnx_steps.py``).
 
   Attributes:
     jitted: the ``jax.jit`` function (``jitted.lower(...)``, ``jitted._cache_size()``).
@@ -82,13 +96,15 @@ class Step:
     ('qat', 1)
   """
 
-  def __init__(self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len):
+  def __init__(self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len, nnx_step, options):
     self.jitted = jitted
     self.mesh = mesh
     self.apply_kwargs = apply_kwargs
     self.schedule = schedule
     self.mode = mode
     self._max_len = max_len
+    self._nnx_step = nnx_step
+    self._options = options
 
   def __repr__(self):
     return f"Step(mode={self.mode!r}, schedule={self.schedule!r}, mesh={self.mesh!r})"
@@ -101,6 +117,9 @@ class Step:
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
       )
     batch = tuple(batch)  # a list and a tuple would be two jit cache entries
+    if is_nnx_state(state):
+      check_nnx_options(**self._options)
+      return self._nnx_step(state, batch)
     if self.mesh is not None:
       state = replicate(self.mesh, state)
       batch = shard_batch(self.mesh, batch)
@@ -156,6 +175,12 @@ def make_train_step(
   counts batches (so a schedule can freeze observers after N calibration batches). Switching
   ``mode`` is the one change between a PTQ and a QAT run.
 
+  The same step takes an NNX state, ``nnx.ModelAndOptimizer(model, tx, wrt=nnx.Param)``: it runs
+  ``nnx.jit`` over it, the model in training mode (``nnx.view(model, use_running_average=False,
+  deterministic=False)``; ``mode="ptq"``: evaluation mode with the observers on), updates it in
+  place and returns ``(state, metrics)``. ``apply_kwargs`` are passed to ``model(x, ...)``;
+  ``rng``, ``mesh`` and ``donate`` are for Linen states only.
+
   Args:
     loss_fn: ``loss_fn(outputs, labels)`` returning per-example losses (or their mean); default
       :func:`cross_entropy` (integer labels).
@@ -175,7 +200,8 @@ def make_train_step(
   Raises:
     ValueError: a bad ``mode`` / ``schedule`` / ``apply_kwargs``; when called, a batch that is
       not ``(inputs, labels)`` or whose size does not divide the mesh's device count;
-      ``mode="ptq"`` or a schedule with a float model.
+      ``mode="ptq"`` or a schedule with a float model; ``rng`` / ``mesh`` / ``donate`` with an
+      NNX state.
 
   Example:
     >>> import optax
@@ -227,6 +253,8 @@ def make_train_step(
     schedule=schedule,
     mode=mode,
     max_len=2,
+    nnx_step=nnx_train_step(loss_and_metrics, loss_fn, schedule, mode, kw),
+    options={"mesh": mesh, "rng": rng, "donate": donate},
   )
 
 
@@ -243,6 +271,8 @@ def make_eval_step(
   the deployed model will. ``mask`` (1 = real example, 0 = padding) lets a last, padded batch
   keep the compiled shape; the metrics are means over the real examples and ``count`` is their
   number (a ``loss_fn`` that returns a scalar mean cannot be masked: its value is used as is).
+  With an ``nnx.ModelAndOptimizer`` it runs ``nnx.jit`` with the model in evaluation mode
+  (``nnx.view(model, use_running_average=True, deterministic=True)``).
 
   Args:
     loss_fn: as in :func:`make_train_step`.
@@ -274,8 +304,7 @@ def make_eval_step(
       variables = schedule.apply(variables, state.step)
     out = state.apply_fn(variables, x, **kw)
     _, metrics = loss_and_metrics(loss_fn, out, y, mask)
-    n = jnp.shape(y)[0]
-    metrics["count"] = jnp.float32(n) if mask is None else jnp.sum(jnp.asarray(mask, jnp.float32))
+    metrics["count"] = _count(y, mask)
     return metrics
 
   return Step(
@@ -285,4 +314,6 @@ def make_eval_step(
     schedule=schedule,
     mode="eval",
     max_len=3,
+    nnx_step=nnx_eval_step(loss_and_metrics, loss_fn, schedule, kw, _count),
+    options={"mesh": mesh},
   )
