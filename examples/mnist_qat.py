@@ -12,9 +12,14 @@ For a small CNN (conv-BN-relu, conv-BN-relu, dense) this script
 4. prints one table (accuracy float / PTQ / QAT / integer, bytes, train time), plots accuracy
    against bits and writes ``mnist_qat.json`` / ``mnist_qat.md`` to ``--out-dir``.
 
+``--api nnx`` runs the same pipeline with Flax NNX (``qatjax.nnx.quantize_model`` in place,
+``nnx.ModelAndOptimizer`` with the same ``qatjax.training`` steps, ``qatjax.nnx.convert``) from
+the same initial weights; both APIs are in ``qat_pipelines.py`` and give the same table.
+
 Usage::
 
     python examples/mnist_qat.py                        # digits (bundled with scikit-learn)
+    python examples/mnist_qat.py --api nnx              # the same with Flax NNX
     python examples/mnist_qat.py --data-dir DIR         # MNIST: the four IDX .gz files in DIR
     python examples/mnist_qat.py --data-dir DIR --out-dir benchmarks/results   # README table
 """
@@ -26,39 +31,16 @@ import json
 import os
 import platform
 import sys
-import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
 from image_data import load_digits, load_mnist
+from qat_pipelines import PIPELINES
 
 import qatjax
-from qatjax import QConvBN, QDense, QuantConfig
-from qatjax.training import (
-  QATSchedule,
-  calibrate,
-  create_train_state,
-  fit,
-  make_eval_step,
-  make_optimizer,
-  make_train_step,
-)
-
-TRAIN, EVAL = {"train": True}, {"train": False}
-
-
-class CNN(nn.Module):
-  """conv(32, 3x3)-BN-relu, conv(64, 3x3, stride 2)-BN-relu, flatten, dense(10)."""
-
-  config: QuantConfig | qatjax.QuantRules | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.relu(QConvBN(32, (3, 3), config=self.config, name="conv0")(x, not train))
-    x = nn.relu(QConvBN(64, (3, 3), strides=2, config=self.config, name="conv1")(x, not train))
-    return QDense(10, config=self.config, name="dense")(x.reshape(x.shape[0], -1))
+from qatjax import QuantConfig
+from qatjax.training import QATSchedule, make_optimizer
 
 
 def precisions(names):
@@ -88,41 +70,6 @@ def precisions(names):
   return out
 
 
-def predict(model, variables, x, batch_size):
-  """Logits of ``model`` in evaluation mode, batched with a fixed (padded) batch shape."""
-  apply = jax.jit(lambda v, xb: model.apply(v, xb, **EVAL))
-  outs = []
-  for i in range(0, len(x), batch_size):
-    xb = x[i : i + batch_size]
-    pad = batch_size - len(xb)
-    if pad:
-      xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-    outs.append(np.asarray(apply(variables, xb))[: batch_size - pad])
-  return np.concatenate(outs)
-
-
-def train(model, variables, data, *, epochs, batch_size, tx, schedule, seed, progress, label):
-  """Trains from ``variables``; returns (variables, seconds, history)."""
-  x0 = data.x_train[:1]
-  state = create_train_state(model, tx, jax.random.key(seed), x0, variables=variables, **EVAL)
-  step = make_train_step(schedule=schedule, apply_kwargs=TRAIN)
-  print(f"-- {label}: {epochs} epoch(s)", flush=True)
-  t0 = time.perf_counter()
-  state, history = fit(
-    state,
-    (data.x_train, data.y_train),
-    epochs=epochs,
-    batch_size=batch_size,
-    train_step=step,
-    eval_step=make_eval_step(apply_kwargs=EVAL),
-    eval_data=(data.x_test, data.y_test),
-    rng=seed,
-    progress=progress,
-  )
-  jax.block_until_ready(state.params)
-  return state.variables, time.perf_counter() - t0, history
-
-
 def load_data(args):
   """MNIST from ``--data-dir`` or digits, cut to ``--train-limit`` / ``--test-limit``."""
   data = load_mnist(args.data_dir) if args.data_dir else load_digits()
@@ -138,36 +85,33 @@ def load_data(args):
 
 
 def run(args, data) -> dict:
+  pipe = PIPELINES[args.api](data, args.seed)
   bs = min(args.batch_size, len(data.x_train))
   steps_per_epoch = len(data.x_train) // bs
   print(
-    f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test images "
+    f"{data.name} ({pipe.name}): {len(data.x_train)} train / {len(data.x_test)} test images "
     f"{data.x_train.shape[1:]}, batch {bs}, {steps_per_epoch} steps per epoch",
     flush=True,
   )
   acc = lambda logits: float(np.mean(logits.argmax(-1) == data.y_test))
+  predict = lambda m: pipe.predict(m, data.x_test, args.eval_batch)
+
+  def train(m, *, epochs, tx, schedule, label):
+    print(f"-- {label}: {epochs} epoch(s)", flush=True)
+    return pipe.train(
+      m, epochs=epochs, batch_size=bs, tx=tx, schedule=schedule, progress=args.progress
+    )
 
   # 1. float32 baseline.
-  float_model = CNN(None)
-  float_vars, float_s, _ = train(
-    float_model,
-    None,
-    data,
-    epochs=args.epochs,
-    batch_size=bs,
-    tx=optax.adam(args.lr),
-    schedule=None,
-    seed=args.seed,
-    progress=args.progress,
-    label="float32",
+  float_m, float_s = train(
+    pipe.float_model(), epochs=args.epochs, tx=optax.adam(args.lr), schedule=None, label="float32"
   )
-  float_logits = predict(float_model, float_vars, data.x_test, args.eval_batch)
-  float_bytes = qatjax.model_size({k: float_vars[k] for k in ("params", "batch_stats")}).total
+  float_bytes = pipe.float_bytes(float_m)
   rows = [
     {
       "precision": "float32",
       "bits": 32,
-      "float": acc(float_logits),
+      "float": acc(predict(float_m)),
       "ptq": None,
       "qat": None,
       "int": None,
@@ -184,56 +128,36 @@ def run(args, data) -> dict:
   qat_lr = lambda ratio=1.0: optax.cosine_decay_schedule(args.qat_lr * ratio, max(qat_steps, 1))
 
   # 1b. the fair reference for QAT: the float model fine-tuned as long as QAT fine-tunes.
-  tuned_vars, tuned_s, _ = train(
-    float_model,
-    float_vars,
-    data,
-    epochs=args.qat_epochs,
-    batch_size=bs,
-    tx=optax.adam(qat_lr()),
-    schedule=None,
-    seed=args.seed,
-    progress=args.progress,
+  tuned_m, tuned_s = train(
+    float_m, epochs=args.qat_epochs, tx=optax.adam(qat_lr()), schedule=None,
     label="float32 fine-tuned",
-  )
-  tuned = acc(predict(float_model, tuned_vars, data.x_test, args.eval_batch))
+  )  # fmt: skip
+  tuned = acc(predict(tuned_m))
   rows.append({**rows[0], "precision": "float32 fine-tuned", "float": tuned, "train_s": tuned_s})
   print(f"float32 fine-tuned test accuracy {tuned:.4f}", flush=True)
   for label, bits, qat_cfg, ptq_cfg in precisions(args.precisions):
     # 2a. PTQ: observers calibrated on a few batches; params unchanged.
-    ptq_model = CNN(ptq_cfg)
-    v = qatjax.from_float(ptq_model, float_vars, calib_x, **EVAL)
     batches = [
       data.x_train[i * bs : (i + 1) * bs] for i in range(min(args.calib_batches, steps_per_epoch))
     ]
-    v = calibrate(ptq_model, batches, variables=v, apply_kwargs=EVAL)
-    ptq_acc = acc(predict(ptq_model, v, data.x_test, args.eval_batch))
+    ptq_m = pipe.calibrate(pipe.quantize(float_m, ptq_cfg, calib_x), batches)
+    ptq_acc = acc(predict(ptq_m))
 
     # 2b. QAT from the float weights: observers frozen after half the steps, BN after 60%.
-    qat_model = CNN(qat_cfg)
-    v = qatjax.from_float(qat_model, float_vars, calib_x, **EVAL)
     tx = make_optimizer(optax.adam(qat_lr()), optax.adam(qat_lr(args.scale_lr_ratio)))
     schedule = QATSchedule(
       freeze_observers_step=qat_steps // 2, freeze_bn_step=int(qat_steps * 0.6)
     )
-    v, qat_s, _ = train(
-      qat_model,
-      v,
-      data,
-      epochs=args.qat_epochs,
-      batch_size=bs,
-      tx=tx,
-      schedule=schedule,
-      seed=args.seed,
-      progress=args.progress,
-      label=f"QAT {label}",
-    )
-    qat_logits = predict(qat_model, v, data.x_test, args.eval_batch)
+    qat_m, qat_s = train(
+      pipe.quantize(float_m, qat_cfg, calib_x), epochs=args.qat_epochs, tx=tx,
+      schedule=schedule, label=f"QAT {label}",
+    )  # fmt: skip
+    qat_logits = predict(qat_m)
 
-    # 3. integers: the same model runs the converted variables with integer compute.
-    qvars = qatjax.convert(qat_model, v, calib_x, **EVAL)
-    int_logits = predict(qat_model, qvars, data.x_test, args.eval_batch)
-    size = qatjax.model_size(qvars).total
+    # 3. integers: the converted model runs integer compute (int8 x int8 -> int32).
+    int_m = pipe.convert(qat_m, calib_x)
+    int_logits = predict(int_m)
+    size = pipe.int_bytes(int_m)
     rows.append(
       {
         "precision": label,
@@ -258,6 +182,7 @@ def run(args, data) -> dict:
 
   return {
     "dataset": data.name,
+    "api": pipe.name,
     "train_images": len(data.x_train),
     "test_images": len(data.x_test),
     "epochs_float": args.epochs,
@@ -349,6 +274,9 @@ def parse_args(argv=None):
     "--out-dir",
     default=None,
     help="where the JSON/Markdown results and the plot go (default: out/mnist_qat)",
+  )
+  p.add_argument(
+    "--api", choices=sorted(PIPELINES), default="linen", help="the Flax API (default: linen)"
   )
   p.add_argument(
     "--precisions",

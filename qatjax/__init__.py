@@ -1,7 +1,8 @@
 """qatjax: quantization-aware training for JAX and Flax.
 
 The public API is re-exported here (``__all__``). Submodules with extra dependencies load on
-first use: ``qatjax.training`` (orbax, tqdm, matplotlib) and ``qatjax.export`` (onnx). The
+first use: ``qatjax.training`` (orbax, tqdm, matplotlib), ``qatjax.export`` (onnx) and
+``qatjax.nnx`` (Flax NNX). The
 packages ``core``, ``ops``, ``linen`` and ``model`` hold the implementation (see
 ``docs/architecture.md``).
 """
@@ -32,7 +33,7 @@ from qatjax.model.size import LayerSize, SizeReport, compare_sizes, model_size
 __version__ = "0.1.0"
 
 # Loaded on first attribute access (PEP 562): their optional dependencies stay optional.
-_LAZY_SUBMODULES = ("training", "export")
+_LAZY_SUBMODULES = ("training", "export", "nnx")
 
 
 def __getattr__(name):

@@ -81,6 +81,18 @@ def test_digits_end_to_end(example, tmp_path, capsys):
     assert f"| {r['precision']} | {100 * r['float']:.2f} | {100 * r['ptq']:.2f} |" in md
 
 
+def test_nnx_api_runs_the_pipeline(example, tmp_path):
+  # A smoke run of the NNX pipeline (qat_pipelines.NNXPipeline); that it gives the Linen
+  # numbers is test_nnx_training's and test_nnx_parity's to show.
+  res = example.main(
+    ["--api", "nnx", "--precisions", "8", "--epochs", "2", "--qat-epochs", "1"]
+    + ["--train-limit", "256", "--test-limit", "200", "--calib-batches", "2"]
+    + ["--no-progress", "--out-dir", str(tmp_path)]
+  )
+  _check_outputs(res, tmp_path, ["W8A8"])
+  assert res["api"] == "nnx" and res["train_images"] == 256
+
+
 @pytest.mark.skipif(
   not all((MNIST_DIR / f).exists() for f in MNIST_FILES),
   reason=f"MNIST IDX files not in {MNIST_DIR}",

@@ -26,14 +26,17 @@ def export_stablehlo(
     y = fn.call(np.load("x.npy"))          # == model.apply(qvars, x)
 
   Args:
-    model: the Flax model.
-    qvars: its converted variables (:func:`qatjax.convert`); float variables work too.
+    model: the Flax model, or a (converted, :func:`qatjax.nnx.convert`) NNX model, whose
+      variables are then closed over the same way.
+    qvars: its converted variables (:func:`qatjax.convert`); float variables work too. ``None``
+      for an NNX model.
     example_input: an input array (or ``jax.ShapeDtypeStruct``) fixing the shape and dtype.
     dynamic_batch: export the leading dimension as a symbolic ``batch`` dimension, so the
       artifact accepts any batch size (the model must be shape-polymorphic in it, e.g. flatten
       with ``x.reshape(x.shape[0], -1)``).
     platforms: e.g. ``("cpu", "cuda")``; default: the current JAX backend.
-    apply_kwargs: keyword arguments for ``model.apply`` (e.g. ``{"train": False}``).
+    apply_kwargs: keyword arguments for ``model.apply`` (e.g. ``{"train": False}``), or of an
+      NNX model's call.
 
   Returns:
     The serialized ``jax.export.Exported`` as ``bytes``.
@@ -58,9 +61,21 @@ def export_stablehlo(
   if dynamic_batch:
     spec = "batch" + "".join(f", {d}" for d in shape[1:])
     shape = jax_export.symbolic_shape(spec)
-  fn = jax.jit(lambda x: model.apply(qvars, x, **kwargs))
+  fn = jax.jit(_inference_fn(model, qvars, kwargs))
   exported = jax_export.export(fn, platforms=platforms)(jax.ShapeDtypeStruct(shape, dtype))
   return bytes(exported.serialize())
+
+
+def _inference_fn(model, qvars, kwargs):
+  """``x -> outputs`` of a Linen model with ``qvars``, or of an NNX model with its own state."""
+  if qvars is None:
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+      raise ValueError("export_stablehlo: qvars is required for a Linen model")
+    graphdef, state = nnx.split(model)
+    return lambda x: nnx.merge(graphdef, state)(x, **kwargs)
+  return lambda x: model.apply(qvars, x, **kwargs)
 
 
 def load_stablehlo(blob: bytes):

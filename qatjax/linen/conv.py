@@ -13,8 +13,8 @@ from qatjax.core.config import QuantConfig
 from qatjax.core.qarray import QArray
 from qatjax.core.rules import QuantRules, resolve
 from qatjax.linen.context import LinenContext, module_path, weight_param
-from qatjax.ops import conv as ops_conv
 from qatjax.ops.conv import ConvGeometry
+from qatjax.ops.conv_layer import conv_kernel_shape, conv_layer
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -29,17 +29,7 @@ def conv_call(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
   geometry = ConvGeometry.of(m, inputs.shape, path)
   if getattr(m, "mask", None) is not None:
     raise ValueError(f"layer {path}: masked convolutions are not supported")
-  n_batch = inputs.ndim - (len(geometry.kernel_size) + 1)
-  batch_shape = inputs.shape[:n_batch]
-  if n_batch != 1:
-    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[n_batch:])
-  in_features = inputs.shape[-1]
-  if in_features % m.feature_group_count:
-    raise ValueError(
-      f"layer {path}: input features {in_features} are not divisible by "
-      f"feature_group_count={m.feature_group_count}"
-    )
-  kernel_shape = geometry.kernel_size + (in_features // m.feature_group_count, m.features)
+  kernel_shape = conv_kernel_shape(geometry, inputs.shape, m.feature_group_count, m.features, path)
 
   def check(stored):
     if stored != kernel_shape:
@@ -49,32 +39,24 @@ def conv_call(m, inputs, cfg: QuantConfig | None, kernel_transform=None):
       )
 
   kernel = weight_param(m, "kernel", m.kernel_init, kernel_shape, m.param_dtype, check=check)
-  post = None
   if isinstance(kernel, QArray):
     bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
   else:
     bias = m.param("bias", m.bias_init, (m.features,), m.param_dtype) if m.use_bias else None
-    if kernel_transform is not None:
-      kernel, post = kernel_transform(kernel)
   wq, aq = (None, None) if cfg is None else (cfg.weight_quant, cfg.act_quant)
-  y = ops_conv.conv(
+  return conv_layer(
     LinenContext(m),
     inputs,
     kernel,
+    bias,
     wq,
     aq,
     geometry,
     feature_group_count=m.feature_group_count,
     precision=m.precision,
     dtype=m.dtype,
+    kernel_transform=kernel_transform,
   )
-  if post is not None:
-    y = post(y)
-  if bias is not None:
-    y += jnp.asarray(bias, y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-  if n_batch != 1:
-    y = jnp.reshape(y, batch_shape + y.shape[1:])
-  return y
 
 
 class QConv(nn.Module):

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from qatjax.core.config import QuantConfig
@@ -14,6 +13,7 @@ from qatjax.core.qarray import QArray
 from qatjax.core.rules import QuantRules, resolve
 from qatjax.linen.context import LinenContext, module_path
 from qatjax.linen.conv import conv_call
+from qatjax.ops import conv_bn as bn
 from qatjax.ops.registry import STATS
 
 
@@ -83,8 +83,7 @@ class QConvBN(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((n,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((n,), jnp.float32))
     frozen = self.variable(STATS, "bn_frozen", lambda: jnp.zeros((), jnp.bool_)).value
-    f = gamma / jnp.sqrt(ra_var.value + self.epsilon)
-    f_safe = jnp.where(f == 0, 1.0, f)
+    f, f_safe = bn.fold_factor(gamma, ra_var.value, self.epsilon)
     holder = {}
 
     def fold(kernel):
@@ -94,20 +93,22 @@ class QConvBN(nn.Module):
       return kernel * f, lambda y: y / f_safe
 
     y = conv_call(self, x, cfg, kernel_transform=fold)  # = conv(x, fq(W f)) / f + b
-    running = (y - ra_mean.value) * f + beta
-    if use_ra:
-      out = running
-    else:
-      axes = tuple(range(y.ndim - 1))
-      mean = jnp.mean(y, axes)
-      var = jnp.mean(jnp.square(y - mean), axes)
-      batch = (y - mean) * (gamma * jax.lax.rsqrt(var + self.epsilon)) + beta
-      if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
-        m = self.momentum
-        ra_mean.value = jnp.where(frozen, ra_mean.value, m * ra_mean.value + (1 - m) * mean)
-        ra_var.value = jnp.where(frozen, ra_var.value, m * ra_var.value + (1 - m) * var)
-      out = jnp.where(frozen, running, batch)
+    out, running = bn.normalize(
+      y,
+      gamma,
+      beta,
+      ra_mean.value,
+      ra_var.value,
+      frozen,
+      f,
+      use_running_average=use_ra,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+    )
+    updating = not self.is_initializing() and self.is_mutable_collection("batch_stats")
+    if running is not None and updating:
+      ra_mean.value, ra_var.value = running
     ctx = LinenContext(self)
     if ctx.recording:  # the folded bias of the integer model
-      ctx.record("bias", beta + (holder["conv_bias"] - ra_mean.value) * f)
+      ctx.record("bias", bn.folded_bias(beta, holder["conv_bias"], ra_mean.value, f))
     return out

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qatjax.core.qarray import QArray
+from qatjax.model.nnx_variables import as_variables
 
 MAGIC = b"\x89QATJAX\n"
 VERSION = 1
@@ -63,7 +64,9 @@ def save_quantized(path, qvars) -> None:
 
   Args:
     path: file name (str or ``os.PathLike``).
-    qvars: the variables, e.g. from :func:`qatjax.convert` (float variables work too).
+    qvars: the variables, e.g. from :func:`qatjax.convert` (float variables work too), or an
+      NNX model (e.g. from :func:`qatjax.nnx.convert`; read back into one with
+      :func:`qatjax.nnx.load_variables`).
 
   Raises:
     ValueError: naming a leaf that is neither an array nor a QArray, or a non-string key.
@@ -119,6 +122,7 @@ def save_quantized(path, qvars) -> None:
     else:
       entries.append({"path": keys, "kind": "array", **add(node, where)})
 
+  qvars = as_variables(qvars)
   if not hasattr(qvars, "items"):
     raise ValueError(
       f"save_quantized: qvars must be a dict of collections, got {type(qvars).__name__}"

@@ -9,6 +9,7 @@ import numpy as np
 from flax import traverse_util
 
 from qatjax.core.qarray import QArray
+from qatjax.model.nnx_variables import as_variables
 from qatjax.ops.registry import QUANT_METADATA, RECORD, WEIGHTS
 
 
@@ -150,7 +151,8 @@ def model_size(variables, *, collections=None) -> SizeReport:
   trees of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` output).
 
   Args:
-    variables: a Flax variables dict (``{"params": ..., "batch_stats": ..., ...}``).
+    variables: a Flax variables dict (``{"params": ..., "batch_stats": ..., ...}``), or an NNX
+      model (its variables as :func:`qatjax.nnx.to_variables` groups them).
     collections: the collections to count (default: all but ``quant_record``).
 
   Returns:
@@ -174,6 +176,7 @@ def model_size(variables, *, collections=None) -> SizeReport:
     <root>  144 B      104 B  72.2%
     total   144 B      104 B  72.2%
   """
+  variables = as_variables(variables)
   cols = [c for c in variables if c != RECORD] if collections is None else list(collections)
   layers: dict[str, LayerSize] = {}
   for col in cols:

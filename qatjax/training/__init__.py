@@ -10,6 +10,10 @@ A QAT run::
                          eval_step=make_eval_step(), eval_data=(x_test, y_test), rng=0)
     save_checkpoint("ckpt", state)
 
+Flax NNX: the same steps, ``fit`` and ``evaluate`` take ``nnx.ModelAndOptimizer(model, tx,
+wrt=nnx.Param)`` as the state (a model from :func:`qatjax.nnx.quantize_model`), trained in
+place under ``nnx.jit``; checkpoint it with ``save_checkpoint(directory, nnx.state(state))``.
+
 The same run as post-training quantization: ``make_train_step(mode="ptq")`` (or
 :func:`calibrate`).
 

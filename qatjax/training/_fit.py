@@ -69,7 +69,7 @@ def fit(
   never restored: the previous complete checkpoint is used, with a warning naming it.
 
   Args:
-    state: a :class:`TrainState`.
+    state: a :class:`TrainState`, or an ``nnx.ModelAndOptimizer`` (trained in place).
     train_data: ``(x, y)`` numpy arrays; or an iterable of ``(x, y)`` batches (a list is reused
       every epoch; a one-shot iterator only allows ``epochs=1``); or ``epoch -> iterable``.
     epochs: number of epochs to run in this call.
@@ -80,7 +80,7 @@ def fit(
     rng: PRNG key (or int seed) for shuffling; ``None``: no shuffling.
     progress: show a tqdm progress bar with the running loss / accuracy.
     plot_dir: if set, write ``loss.png``, ``accuracy.png`` (metric curves) and, for a quantized
-      model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
+      Linen model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
     checkpoint_dir: save checkpoints here and resume from the latest one (needs ``(x, y)``
       arrays as ``train_data``).
     checkpoint_every: steps between checkpoints (default: one epoch).
@@ -225,7 +225,7 @@ def fit(
 
   if plot_dir is not None:
     plot_history(history, plot_dir)
-    if state.quant_stats and example is not None:
+    if getattr(state, "quant_stats", None) and example is not None:  # a Linen TrainState
       kwargs = getattr(eval_step if eval_step is not None else train_step, "apply_kwargs", None)
       plot_quantization(state, example, plot_dir, apply_kwargs=kwargs)
   return state, history

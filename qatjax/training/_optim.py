@@ -9,6 +9,13 @@ from qatjax.ops.registry import is_quantizer_param
 from qatjax.training._tree import key_name
 
 
+def _leaf_name(path) -> str:
+  """A parameter's name: the last dict key of its path (an ``nnx.State`` path ends in the
+  variable's ``value`` attribute)."""
+  keys = [e for e in path if not isinstance(e, jax.tree_util.GetAttrKey)]
+  return key_name(keys[-1]) if keys else ""
+
+
 def quant_param_labels(params):
   """Labels each parameter ``"quant"`` (a learned quantizer parameter) or ``"weights"``.
 
@@ -16,7 +23,7 @@ def quant_param_labels(params):
   ``input_scale``, ``input_zero_point`` and ``input_alpha`` (LSQ / LSQ+ / PACT).
 
   Args:
-    params: a ``params`` tree.
+    params: a ``params`` tree (or an ``nnx.State`` of ``nnx.Param``).
 
   Returns:
     A tree of the same structure with ``"quant"`` / ``"weights"`` leaves (the label function of
@@ -28,8 +35,7 @@ def quant_param_labels(params):
     {'Dense_0': {'kernel': 'weights', 'kernel_scale': 'quant'}}
   """
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: "quant" if path and is_quantizer_param(key_name(path[-1])) else "weights",
-    params,
+    lambda path, _: "quant" if is_quantizer_param(_leaf_name(path)) else "weights", params
   )
 
 

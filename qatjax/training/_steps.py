@@ -10,6 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from qatjax.training._nnx_steps import (
+  check_nnx_options,
+  is_nnx_state,
+  nnx_eval_step,
+  nnx_train_step,
+)
 from qatjax.training._parallel import batch_sharding, replicated, shard_batch
 from qatjax.training._schedule import QATSchedule
 from qatjax.training._sharding import ShardingRules, shard_state, sharding_rules, state_shardings
@@ -60,9 +66,17 @@ def loss_and_metrics(loss_fn, out, labels, mask=None):
   return loss, metrics
 
 
+def _count(labels, mask):
+  """The number of real examples of a batch (``mask``: 1 = real, 0 = padding)."""
+  if mask is None:
+    return jnp.float32(jnp.shape(labels)[0])
+  return jnp.sum(jnp.asarray(mask, jnp.float32))
+
+
 class Step:
   """A compiled step, called as ``step(state, batch)``; made by :func:`make_train_step` or
-  :func:`make_eval_step`.
+  :func:`make_eval_step`. ``state`` is a :class:`TrainState` (Linen) or an
+  ``nnx.ModelAndOptimizer`` (NNX, updated in place; see ``qatjax/training/_nnx_steps.py``).
 
   Attributes:
     jitted: the ``jax.jit`` function (``jitted.lower(...)``, ``jitted._cache_size()``).
@@ -85,7 +99,18 @@ class Step:
   """
 
   def __init__(
-    self, jitted, *, mesh, apply_kwargs, schedule, mode, max_len, extra=(), param_sharding=None
+    self,
+    jitted,
+    *,
+    mesh,
+    apply_kwargs,
+    schedule,
+    mode,
+    max_len,
+    nnx_step,
+    options,
+    extra=(),
+    param_sharding=None,
   ):
     self.jitted = jitted
     self.extra = extra  # further arguments of ``jitted`` (a teacher's variables)
@@ -96,6 +121,8 @@ class Step:
     self.schedule = schedule
     self.mode = mode
     self._max_len = max_len
+    self._nnx_step = nnx_step
+    self._options = options
 
   def __repr__(self):
     return f"Step(mode={self.mode!r}, schedule={self.schedule!r}, mesh={self.mesh!r})"
@@ -108,6 +135,9 @@ class Step:
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
       )
     batch = tuple(batch)  # a list and a tuple would be two jit cache entries
+    if is_nnx_state(state):
+      check_nnx_options(**self._options)
+      return self._nnx_step(state, batch)
     if self.mesh is not None:
       state = self.shard_state(state)
       batch = shard_batch(self.mesh, batch)
@@ -199,6 +229,12 @@ def make_train_step(
   counts batches (so a schedule can freeze observers after N calibration batches). Switching
   ``mode`` is the one change between a PTQ and a QAT run.
 
+  The same step takes an NNX state, ``nnx.ModelAndOptimizer(model, tx, wrt=nnx.Param)``: it runs
+  ``nnx.jit`` over it, the model in training mode (``nnx.view(model, use_running_average=False,
+  deterministic=False)``; ``mode="ptq"``: evaluation mode with the observers on), updates it in
+  place and returns ``(state, metrics)``. ``apply_kwargs`` are passed to ``model(x, ...)``;
+  ``rng``, ``mesh`` and ``donate`` are for Linen states only.
+
   Args:
     loss_fn: ``loss_fn(outputs, labels)`` returning per-example losses (or their mean); default
       :func:`cross_entropy` (integer labels).
@@ -226,7 +262,8 @@ def make_train_step(
       mesh or naming an axis the mesh lacks; when called (before the step runs), a batch that is
       not ``(inputs, labels)`` or whose size the mesh's batch axes do not divide, a sharding rule
       that matches no parameter or cannot split its shape; ``mode="ptq"`` or a schedule with a
-      float model.
+      float model; ``rng`` / ``mesh`` /
+      ``donate`` / ``param_sharding`` / ``teacher`` with an NNX state.
 
   Example:
     >>> import optax
@@ -288,6 +325,14 @@ def make_train_step(
     mode=mode,
     max_len=2,
     extra=() if teacher is None else teacher.variables,
+    nnx_step=nnx_train_step(loss_and_metrics, loss_fn, schedule, mode, kw),
+    options={
+      "mesh": mesh,
+      "rng": rng,
+      "donate": donate,
+      "param_sharding": param_sharding,
+      "teacher": teacher,
+    },
   )
 
 
@@ -305,6 +350,8 @@ def make_eval_step(
   the deployed model will. ``mask`` (1 = real example, 0 = padding) lets a last, padded batch
   keep the compiled shape; the metrics are means over the real examples and ``count`` is their
   number (a ``loss_fn`` that returns a scalar mean cannot be masked: its value is used as is).
+  With an ``nnx.ModelAndOptimizer`` it runs ``nnx.jit`` with the model in evaluation mode
+  (``nnx.view(model, use_running_average=True, deterministic=True)``).
 
   Args:
     loss_fn: as in :func:`make_train_step`.
@@ -337,8 +384,7 @@ def make_eval_step(
       variables = schedule.apply(variables, state.step)
     out = state.apply_fn(variables, x, **kw)
     _, metrics = loss_and_metrics(loss_fn, out, y, mask)
-    n = jnp.shape(y)[0]
-    metrics["count"] = jnp.float32(n) if mask is None else jnp.sum(jnp.asarray(mask, jnp.float32))
+    metrics["count"] = _count(y, mask)
     return metrics
 
   return Step(
@@ -349,4 +395,6 @@ def make_eval_step(
     schedule=schedule,
     mode="eval",
     max_len=3,
+    nnx_step=nnx_eval_step(loss_and_metrics, loss_fn, schedule, kw, _count),
+    options={"mesh": mesh, "param_sharding": param_sharding},
   )
