@@ -198,8 +198,9 @@ def expected_bytes(dims, bits):
       total += (k * n + n) * 4
     else:
       kernel = k * n if bits > 4 else (k * n + 1) // 2
-      # + per-channel scale and zero point, kernel_sum, bias (4 x n float32/int32), input s / z
-      total += kernel + 4 * 4 * n + 2 * 4
+      # + per-channel scale, kernel_sum, bias (3 x n float32/int32), one scalar weight zero
+      # point (symmetric weights), input s / z
+      total += kernel + 3 * 4 * n + 4 + 2 * 4
   return total
 
 
@@ -214,7 +215,8 @@ def test_model_size_mnist_mlp(bits, goal):
   assert f.total == expected_bytes(dims, None) == 2_678_824
   assert q.total == expected_bytes(dims, bits)
   assert q["QDense_0"].weight_bytes == (784 * 512 if bits == 8 else 784 * 256)
-  assert q["QDense_0"].quant_bytes == 3 * 4 * 512 + 8  # scale, zero point, kernel_sum, s/z in
+  # scale and kernel_sum per channel, one scalar weight zero point, s/z in
+  assert q["QDense_0"].quant_bytes == 2 * 4 * 512 + 4 + 8
   assert q["QDense_0"].other_bytes == 4 * 512  # bias
   assert q.ratio(f) <= goal, q.ratio(f)
   table = f.compare(q)
@@ -231,8 +233,13 @@ def test_model_size_cnn_counts_every_leaf():
   f, q = model_size(float_vars), model_size(qv)
   leaves = lambda t: sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(t))
   assert f.total == leaves(float_vars)
-  conv_bn = q["QConvBN_0"]  # kernel 3*3*1*6 int8; scale, zp, kernel_sum, folded bias; s/z in
-  assert (conv_bn.weight_bytes, conv_bn.quant_bytes, conv_bn.other_bytes) == (54, 3 * 24 + 8, 24)
+  # kernel 3*3*1*6 int8; scale, kernel_sum per channel, one scalar zp, folded bias; s/z in
+  conv_bn = q["QConvBN_0"]
+  assert (conv_bn.weight_bytes, conv_bn.quant_bytes, conv_bn.other_bytes) == (
+    54,
+    2 * 24 + 4 + 8,
+    24,
+  )
   assert f["QConvBN_0"].total == 54 * 4 + 4 * 6 * 4  # kernel, bn scale/bias, mean/var
   assert q.total < f.total / 3
   assert "QConvBN_0" in compare_sizes(float_vars, qv, ("f32", "int8"))

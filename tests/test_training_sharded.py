@@ -71,8 +71,9 @@ SCRIPT = textwrap.dedent("""
 
     def kernel_bytes(tree):
       # total bytes of the kernels, and the bytes each device holds (its addressable shards)
+      # (a QArray's scalar zero point is replicated: one number, not part of the split)
       kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(tree)
-                 if "['kernel']" in jax.tree_util.keystr(p)]
+                 if "['kernel']" in jax.tree_util.keystr(p) and v.ndim > 0]
       per_device = {d: 0 for d in jax.devices()}
       for k in kernels:
         for shard in k.addressable_shards:

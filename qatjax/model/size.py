@@ -167,14 +167,14 @@ def model_size(variables, *, collections=None) -> SizeReport:
     >>> qv = convert(layer, {**v, **stats}, x)
     >>> model_size({"params": v["params"]}).total      # (8 * 4 + 4) * 4
     144
-    >>> model_size(qv).total   # 32 int8 + (4 scales, 4 zero points, 4 kernel sums, 4 biases,
-    ...                        #  input scale, input zero point) * 4 bytes
-    104
+    >>> model_size(qv).total   # 32 int8 + (4 scales, 4 kernel sums, 4 biases, one weight
+    ...                        #  zero point, input scale, input zero point) * 4 bytes
+    92
     >>> print(model_size({"params": v["params"]}).compare(model_size(qv)))
     layer   float  quantized      %
     ------  -----  ---------  -----
-    <root>  144 B      104 B  72.2%
-    total   144 B      104 B  72.2%
+    <root>  144 B       92 B  63.9%
+    total   144 B       92 B  63.9%
   """
   variables = as_variables(variables)
   cols = [c for c in variables if c != RECORD] if collections is None else list(collections)

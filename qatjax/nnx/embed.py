@@ -12,8 +12,9 @@ from qatjax.ops.embed import embed_attend, embed_lookup
 class QEmbed(nnx.Embed, QuantModule):
   """An ``nnx.Embed`` whose ``embedding`` table is quantized (one scale per row by default).
 
-  Only the table is quantized (``config.act_bits`` is ignored: indices are not activations);
-  ``attend`` (a tied output head) uses the same quantized table and the same ``embedding_scale``.
+  The lookup quantizes the table only (indices are not activations); ``attend`` (a tied output
+  head) is a quantized matmul of the query (activation settings of ``config``) with the same
+  quantized table and the same ``embedding_scale``, as Linen's ``QEmbed``.
   After :func:`qatjax.nnx.convert` the table is stored as integers.
 
   Example:
@@ -45,5 +46,7 @@ class QEmbed(nnx.Embed, QuantModule):
   def attend(self, query, out_sharding=None):
     """Dot product of ``query`` with every (quantized) row, as ``nnx.Embed.attend``."""
     self.reject_out_sharding(out_sharding)
-    wq, _ = self.quant_specs()
-    return embed_attend(self.quant_context, query, self.embedding.get_value(), wq, dtype=self.dtype)
+    wq, aq = self.quant_specs()
+    return embed_attend(
+      self.quant_context, query, self.embedding.get_value(), wq, aq, dtype=self.dtype
+    )
