@@ -187,3 +187,15 @@ def test_calibration_kinds_track_different_ranges():
   assert out["percentile"][1] < out["ema"][1] + 1e-6
   assert out["mse"][1] < out["minmax"][1]
   assert all(c[2] == 2 for c in out.values())
+
+
+@pytest.mark.parametrize("p", [90.0, 99.99])
+def test_act_percentile_sets_the_observed_range(p):
+  """One batch: the observer's range is numpy's (100 - p)-th and p-th percentiles of the input."""
+  x = _rand((64, 5), 2, 0.5)
+  q = QDense(3, config=QuantConfig(act_calibration="percentile", act_percentile=p))
+  v = q.init(jax.random.key(0), x)
+  _, s = q.apply(v, x, mutable=["quant_stats"])
+  lo, hi, _ = _stats(s)
+  want = np.percentile(np.asarray(x, np.float64), [100.0 - p, p])
+  np.testing.assert_allclose((lo, hi), want, rtol=1e-5)

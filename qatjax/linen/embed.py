@@ -55,5 +55,12 @@ class QEmbed(nn.Module):
     )
 
   def attend(self, query):
-    """Dot product of ``query`` with every (quantized) row, as ``nn.Embed.attend``."""
+    """Dot product of ``query`` with every (quantized) row, as ``nn.Embed.attend``.
+
+    Example:
+      >>> emb = QEmbed(10, 4, config=QuantConfig(weight_bits=8, act_bits=None))
+      >>> v = emb.init(jax.random.key(0), jnp.array([1, 2]))
+      >>> emb.apply(v, jnp.ones((3, 4)), method=QEmbed.attend).shape   # a score per row
+      (3, 10)
+    """
     return embed_attend(LinenContext(self), query, self.embedding, self._wq)

@@ -41,7 +41,14 @@ class _FloatModel:
 
 class QuantizedModel(nn.Module):
   """A float Flax model whose layers run quantized (see :func:`quantize_model`). Its variable
-  tree is the float model's plus quantizer state; ``model`` and ``rules`` are what it wraps."""
+  tree is the float model's plus quantizer state; ``model`` and ``rules`` are what it wraps.
+
+  Example:
+    >>> import flax.linen as nn
+    >>> qm = quantize_model(nn.Dense(2), QuantConfig(4, 4))
+    >>> type(qm.model).__name__, qm.rules.lookup("<root>").weight_bits
+    ('Dense', 4)
+  """
 
   wrapped: _FloatModel
   rules: QuantRules
@@ -59,7 +66,16 @@ class QuantizedModel(nn.Module):
     return "/".join(str(p) for p in module.path[len(self.path) :]) or "<root>"
 
   def run(self, method: str, *args, **kwargs):
-    """Calls the wrapped model's ``method`` with its layers quantized by the rules."""
+    """Calls the wrapped model's ``method`` with its layers quantized by the rules.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> qm = quantize_model(nn.Sequential([nn.Dense(3), nn.Dense(2)]), QuantConfig())
+      >>> x = jnp.ones((1, 4))
+      >>> v = qm.init(jax.random.key(0), x)
+      >>> qm.apply(v, "__call__", x, method=QuantizedModel.run).shape  # the same as qm.apply(v, x)
+      (1, 2)
+    """
     matched: dict[str, list[str]] = {}
     rules = self.rules
 
@@ -127,8 +143,10 @@ def quantize_model(model: nn.Module, rules: QuantRules | QuantConfig | dict) -> 
   return QuantizedModel(_FloatModel(model), rules)
 
 
-def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[str]]:
-  """``{pattern: [matched layer paths]}`` for every rule of a :func:`quantize_model` model.
+def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[tuple[str, str]]]:
+  """``{pattern: [(layer path, bit widths), ...]}`` for every rule of a :func:`quantize_model`
+  model, in rule order; the bit widths are :attr:`QuantConfig.bits_label` (``"W8A8"``) or
+  ``"float"`` for a rule that maps to ``None``. A rule that matches no layer has an empty list.
 
   Args:
     model: the model :func:`quantize_model` returned.
@@ -137,19 +155,26 @@ def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[str]]
 
   Example:
     >>> import flax.linen as nn
-    >>> qm = quantize_model(nn.Sequential([nn.Dense(4), nn.Dense(2)]),
-    ...                     {"layers_0": QuantConfig(8, 8), "layers_9": None})
-    >>> rules_report(qm, jnp.ones((1, 3)))
-    {'layers_0': ['layers_0'], 'layers_9': []}
+    >>> qm = quantize_model(
+    ...   nn.Sequential([nn.Dense(4), nn.Dense(4), nn.Dense(4), nn.Dense(2)]),
+    ...   {"layers_0": QuantConfig(8, 8), "layers_3": None, ".*": QuantConfig(4, 4), "x": None},
+    ... )
+    >>> for pattern, layers in rules_report(qm, jnp.ones((1, 3))).items():
+    ...   print(repr(pattern), layers)
+    'layers_0' [('layers_0', 'W8A8')]
+    'layers_3' [('layers_3', 'float')]
+    '.*' [('layers_1', 'W4A4'), ('layers_2', 'W4A4')]
+    'x' []
   """
   matched = {p: [] for p, _ in model.rules.patterns}
 
   def interceptor(next_fun, a, kw, context):
     if context.method_name == "__call__" and _forward_for(context.module) is not None:
       path = module_path(context.module)
-      pattern, _ = model.rules.match(path)
-      if pattern is not None and path not in matched[pattern]:
-        matched[pattern].append(path)
+      pattern, cfg = model.rules.match(path)
+      entry = (path, "float" if cfg is None else cfg.bits_label)
+      if pattern is not None and entry not in matched[pattern]:
+        matched[pattern].append(entry)
     return next_fun(*a, **kw)
 
   with warnings.catch_warnings():

@@ -133,7 +133,7 @@ def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
   sw = dl.rhs_param(qa.scale)
   if dl.b == 1 and _is_canonical(qa, dl):  # the layout XLA:CPU's int8 matmul reads fastest
     ks = ksum.reshape(-1) if ksum.ndim else ksum
-    acc = int_matmul_nk(dl.lhs3(qx)[0], zx, qa.values, dl.n, dl.k, qa.packed, ks)[None]
+    acc = int_matmul_nk(dl.lhs3(qx)[0], zx, qa.values, dl.n, dl.k, qa.bits, ks)[None]
   else:
     acc = int_matmul(
       dl.lhs3(qx), zx, _weight3(qa, dl), ksum if ksum.ndim == 0 else jnp.swapaxes(ksum, 1, 2)

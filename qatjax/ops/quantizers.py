@@ -4,7 +4,8 @@ Each quantizer takes a resolved spec (:class:`~qatjax.core.config.WeightQuant` /
 :class:`~qatjax.core.config.ActQuant`) and returns the fake-quantized tensor plus what
 ``convert`` needs to store the integers. State (per layer; names from :mod:`qatjax.ops.registry`):
 
-* observer activations: statistics ``input_min``, ``input_max``, ``input_count``;
+* observer activations: statistics ``input_min``, ``input_max``, ``input_count`` and
+  ``input_count_from_float`` (the count :func:`qatjax.from_float` left; never read here);
 * LSQ: parameters ``kernel_scale`` (``embedding_scale``), ``input_scale`` and, affine,
   ``input_zero_point`` (Esser et al. 2020; Bhalgat et al. 2020);
 * PACT: parameter ``input_alpha`` (Choi et al. 2018).
@@ -40,12 +41,13 @@ from qatjax.ops.registry import act_leaf, weight_scale
 
 @dataclasses.dataclass(frozen=True)
 class ActParams:
-  """The scale and zero point an activation was quantized with, and whether they are set
-  (an observer that has seen no batch yet is not)."""
+  """The scale and zero point an activation was quantized with, whether they are set (an
+  observer that has seen no batch yet is not), and its bit width."""
 
   scale: jax.Array
   zero_point: jax.Array
   ready: jax.Array
+  bits: int
 
 
 def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
@@ -53,6 +55,7 @@ def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
   v_min = ctx.stat(act_leaf(site, "min"), zeros(jnp.float32))
   v_max = ctx.stat(act_leaf(site, "max"), zeros(jnp.float32))
   v_cnt = ctx.stat(act_leaf(site, "count"), zeros(jnp.int32))
+  ctx.stat(act_leaf(site, "count_from_float"), zeros(jnp.int32))
   state = cal.RangeState(v_min.value, v_max.value, v_cnt.value)
   if ctx.observing:
     new = spec.calibrator.update(state, jax.lax.stop_gradient(x))
@@ -99,18 +102,19 @@ def quantize_act(
   else:
     s, z, ready = _observer(ctx, x, spec, observe, site)
     y = fake_quant(x, s, z, qmin, qmax)
-  return jnp.where(enabled & ready, y, x), ActParams(s, z, ready)
+  return jnp.where(enabled & ready, y, x), ActParams(s, z, ready, spec.bits)
 
 
 def record_act(
   ctx: QuantContext, act: ActParams | None, site: str = "input", calibrated: bool = False
 ) -> None:
-  """Records an activation's frozen scale and zero point for ``convert`` (and, with
+  """Records an activation's frozen scale, zero point and bit width for ``convert`` (and, with
   ``calibrated``, whether they are set: a standalone activation quantizer's exporters need it)."""
   if act is None or not ctx.recording:
     return
   ctx.record(act_leaf(site, "scale"), act.scale)
   ctx.record(act_leaf(site, "zero_point"), act.zero_point)
+  ctx.record(act_leaf(site, "bits"), jnp.int8(act.bits))
   if calibrated:
     ctx.record(act_leaf(site, "calibrated"), act.ready)
 
