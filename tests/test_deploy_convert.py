@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qatjax
 from qatjax import (
   QArray,
   QConv,
@@ -49,6 +50,7 @@ def calibrated(model, x, **kw):
 CONFIGS = {
   "int8": QuantConfig(),
   "int4": QuantConfig(weight_bits=4),
+  "int2": QuantConfig(weight_bits=2),
   "int3_lsq": QuantConfig(weight_bits=3, method="lsq"),
   "int6_tensor": QuantConfig(weight_bits=6, weight_granularity="per_tensor"),
   "int4_group": QuantConfig(weight_bits=4, weight_granularity="per_group", weight_group_size=4),
@@ -80,8 +82,9 @@ def test_kernels_are_stored_as_integers_in_range(converted):
   assert len(kernels) == 4
   for qa in kernels:
     n = math.prod(qa.shape)
-    if cfg.weight_bits <= 4:  # two values per byte, flat
-      assert qa.values.dtype == jnp.uint8 and qa.values.shape == ((n + 1) // 2,)
+    if cfg.weight_bits <= 4:  # two values per byte (four at 2 bits), flat
+      per_byte = 4 if cfg.weight_bits == 2 else 2
+      assert qa.values.dtype == jnp.uint8 and qa.values.shape == (-(-n // per_byte),)
     else:
       assert qa.values.dtype == jnp.int8 and qa.values.size == n
     q = np.asarray(qa.unpack())
@@ -137,10 +140,22 @@ def test_int4_packing_round_trips(n):
   np.testing.assert_array_equal(unpack_int4(packed, (n,)), q)
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 9])
+def test_int2_packing_is_four_values_per_byte(n):
+  """Written out by hand: value i sits in bits 2 * (i % 4) of byte i // 4 (two's complement)."""
+  q = np.random.default_rng(n).integers(-2, 2, size=n).astype(np.int8)
+  want = np.zeros(-(-n // 4), np.uint8)
+  for i, v in enumerate(q):
+    want[i // 4] |= (int(v) & 3) << (2 * (i % 4))
+  qa = QArray.create(jnp.asarray(q), jnp.float32(1.0), bits=2)
+  np.testing.assert_array_equal(qa.values, want)
+  np.testing.assert_array_equal(qa.unpack(), q)
+
+
 @pytest.mark.parametrize(
   "shape,perm", [((3, 5), None), ((3, 5), (1, 0)), ((5, 7), (1, 0)), ((2, 3, 3), (2, 0, 1))]
 )
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_qarray_storage_order_round_trips(shape, perm, bits):
   lo, hi = qrange(bits)
   q = np.random.default_rng(0).integers(lo, hi + 1, size=shape).astype(np.int8)
@@ -154,13 +169,13 @@ def test_qarray_storage_order_round_trips(shape, perm, bits):
     QArray.create(q, 1.0, bits=bits, perm=(0,) * len(shape))
 
 
-@pytest.mark.parametrize("k", [6, 7])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [6, 7, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_int_matmul_nk_is_bitwise_the_reference(k, bits):
-  """The (N, K)-stored kernel path (incl. the nibble split for int4, the row swap for few rows
-  and the padded single row) gives numpy's int64 result exactly."""
+  """The (N, K)-stored kernel path (incl. the field split of packed 2- and 4-bit weights, the
+  row swap for few rows and the padded single row) gives numpy's int64 result exactly."""
   rng = np.random.default_rng(k)
-  lo, hi = qrange(bits, narrow=True)
+  lo, hi = qrange(bits)
   q = rng.integers(lo, hi + 1, size=(k, 5)).astype(np.int8)
   zx = -17
   ksum = q.astype(np.int64).sum(0)
@@ -169,10 +184,40 @@ def test_int_matmul_nk_is_bitwise_the_reference(k, bits):
     ref = qx.astype(np.int64) @ q.astype(np.int64) - zx * ksum
     qa = QArray.create(q, jnp.ones((1, 5)), bits=bits, perm=(1, 0))
     got = jax.jit(int_matmul_nk, static_argnums=(3, 4, 5))(
-      jnp.asarray(qx), jnp.int32(zx), qa.values, 5, k, qa.packed, jnp.asarray(ksum, jnp.int32)
+      jnp.asarray(qx), jnp.int32(zx), qa.values, 5, k, qa.bits, jnp.asarray(ksum, jnp.int32)
     )
     assert got.dtype == jnp.int32 and got.shape == (rows, 5)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_w2_kernel_takes_half_the_bytes_of_w4_with_the_same_integer_outputs():
+  """Four 2-bit weights per byte: a W2 layer's kernel is half a W4 layer's. Its integer serving
+  equals the same integers stored two per byte (the old layout) and numpy's reference."""
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  sizes, served = {}, {}
+  for bits in (2, 4):
+    layer = QDense(32, config=QuantConfig(weight_bits=bits))
+    v = calibrated(layer, x)
+    qv = convert(layer, v, x)
+    sizes[bits] = model_size(qv)["<root>"]
+    served[bits] = (layer, qv)
+  assert (sizes[2].weight_bytes, sizes[4].weight_bytes) == (64 * 32 // 4, 64 * 32 // 2)
+  assert (sizes[2].weight_bits, sizes[2].dtype) == (2, "int2")
+  assert sizes[2].total - sizes[2].weight_bytes == sizes[4].total - sizes[4].weight_bytes
+  layer, qv = served[2]
+  qa = qv["params"]["kernel"]
+  as_nibbles = QArray.create(qa.unpack(), qa.scale, bits=4, perm=qa.perm)
+  assert as_nibbles.values.size == 2 * qa.values.size
+  y = np.asarray(layer.apply(qv, x))
+  y_nibbles = layer.apply({"params": {**qv["params"], "kernel": as_nibbles}}, x)
+  np.testing.assert_array_equal(y, y_nibbles)
+  p = {k: np.asarray(a, np.float64) for k, a in qv["params"].items() if k != "kernel"}
+  q = np.asarray(qa.unpack(), np.float64)
+  s, z = p["input_scale"], p["input_zero_point"]
+  inv_s = np.float32(1.0) / np.float32(s)  # the kernel's float32 x * (1 / s)
+  qx = np.clip(np.round(np.asarray(x, np.float32) * inv_s).astype(np.float64) + z, 0, 255)
+  ref = ((qx - z) @ q) * s * np.asarray(qa.scale, np.float64) + p["bias"]
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 # --- model_size ----------------------------------------------------------------------------------
@@ -197,14 +242,15 @@ def expected_bytes(dims, bits):
     if bits is None:
       total += (k * n + n) * 4
     else:
-      kernel = k * n if bits > 4 else (k * n + 1) // 2
+      per_byte = 1 if bits > 4 else 2 if bits > 2 else 4
+      kernel = -(-k * n // per_byte)
       # + per-channel scale, kernel_sum, bias (3 x n float32/int32), one scalar weight zero
-      # point (symmetric weights), input s / z
-      total += kernel + 3 * 4 * n + 4 + 2 * 4
+      # point (symmetric weights), input s / z (float32) and input bits (int8)
+      total += kernel + 3 * 4 * n + 4 + 2 * 4 + 1
   return total
 
 
-@pytest.mark.parametrize("bits,goal", [(8, 0.26), (4, 0.14)])
+@pytest.mark.parametrize("bits,goal", [(8, 0.26), (4, 0.14), (2, 0.08)])
 def test_model_size_mnist_mlp(bits, goal):
   dims = (784, 512, 512, 10)
   x = jnp.zeros((2, 784))
@@ -214,9 +260,9 @@ def test_model_size_mnist_mlp(bits, goal):
   f, q = model_size(fv), model_size(qv)
   assert f.total == expected_bytes(dims, None) == 2_678_824
   assert q.total == expected_bytes(dims, bits)
-  assert q["QDense_0"].weight_bytes == (784 * 512 if bits == 8 else 784 * 256)
-  # scale and kernel_sum per channel, one scalar weight zero point, s/z in
-  assert q["QDense_0"].quant_bytes == 2 * 4 * 512 + 4 + 8
+  assert q["QDense_0"].weight_bytes == 784 * 512 * bits // 8
+  # scale and kernel_sum per channel, one scalar weight zero point; input s / z, input bits
+  assert q["QDense_0"].quant_bytes == 2 * 4 * 512 + 4 + 8 + 1
   assert q["QDense_0"].other_bytes == 4 * 512  # bias
   assert q.ratio(f) <= goal, q.ratio(f)
   table = f.compare(q)
@@ -233,11 +279,11 @@ def test_model_size_cnn_counts_every_leaf():
   f, q = model_size(float_vars), model_size(qv)
   leaves = lambda t: sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(t))
   assert f.total == leaves(float_vars)
-  # kernel 3*3*1*6 int8; scale, kernel_sum per channel, one scalar zp, folded bias; s/z in
+  # kernel 3*3*1*6 int8; scale, kernel_sum per channel, one scalar zp, folded bias; s/z/bits in
   conv_bn = q["QConvBN_0"]
   assert (conv_bn.weight_bytes, conv_bn.quant_bytes, conv_bn.other_bytes) == (
     54,
-    2 * 24 + 4 + 8,
+    2 * 24 + 4 + 9,
     24,
   )
   assert f["QConvBN_0"].total == 54 * 4 + 4 * 6 * 4  # kernel, bn scale/bias, mean/var
@@ -245,6 +291,41 @@ def test_model_size_cnn_counts_every_leaf():
   assert "QConvBN_0" in compare_sizes(float_vars, qv, ("f32", "int8"))
   with pytest.raises(ValueError, match="collection"):
     model_size(qv, collections=["nope"])
+
+
+def test_model_size_tells_mixed_precision_layers_apart():
+  """8-, 4-, 2-bit, weight-only and float layers: bit widths and storage dtype per layer."""
+  model = qatjax.quantize_model(
+    nn.Sequential([nn.Dense(16), nn.Dense(16), nn.Dense(16), nn.Dense(16), nn.Dense(4)]),
+    {
+      "layers_0": QuantConfig(8, 8),
+      "layers_1": QuantConfig(4, 4),
+      "layers_2": QuantConfig(2, 2),
+      "layers_3": QuantConfig(weight_bits=4, act_bits=None),
+      "layers_4": None,
+    },
+  )
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  qv = convert(model, calibrated(model, x), x)
+  report = model_size(qv)
+  got = {lay.name: (lay.weight_bits, lay.act_bits, lay.dtype) for lay in report.layers}
+  assert got == {
+    "layers_0": (8, 8, "int8"),
+    "layers_1": (4, 4, "int4"),
+    "layers_2": (2, 2, "int2"),
+    "layers_3": (4, None, "int4"),
+    "layers_4": (None, None, "float32"),
+  }
+  rows = {line.split()[0]: line.split()[1:4] for line in report.table().splitlines()[2:-1]}
+  assert rows == {
+    "layers_0": ["8", "8", "int8"],
+    "layers_1": ["4", "4", "int4"],
+    "layers_2": ["2", "2", "int2"],
+    "layers_3": ["4", "-", "int4"],
+    "layers_4": ["-", "-", "float32"],
+  }
+  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), qv["params"]["layers_4"])
+  assert model_size({"params": {"layers_4": bf16}})["layers_4"].dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(

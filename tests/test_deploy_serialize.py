@@ -144,3 +144,38 @@ def test_save_rejects_unsupported_leaves(tmp_path):
   with pytest.raises(ValueError, match="not a string"):
     save_quantized(tmp_path / "x.qjx", {"params": {1: jnp.ones(2)}})
   assert not (tmp_path / "x.qjx").exists()
+
+
+def _version(path):
+  return struct.unpack_from("<I", path.read_bytes(), 8)[0]
+
+
+def test_two_bit_kernels_round_trip_as_version_2_and_others_stay_version_1(tmp_path):
+  q = np.random.default_rng(0).integers(-2, 2, size=(5, 7)).astype(np.int8)
+  w2 = QArray.create(jnp.asarray(q), jnp.full((1, 7), 0.5), bits=2, perm=(1, 0))
+  save_quantized(tmp_path / "w2.qjx", {"params": {"kernel": w2}})
+  back = load_quantized(tmp_path / "w2.qjx")["params"]["kernel"]
+  assert _version(tmp_path / "w2.qjx") == 2  # older readers say "upgrade" instead of misreading
+  assert back.values.size == -(-q.size // 4)
+  np.testing.assert_array_equal(back.unpack(), q)
+  w4 = QArray.create(jnp.asarray(q), jnp.float32(0.5), bits=4)
+  save_quantized(tmp_path / "w4.qjx", {"params": {"kernel": w4}})
+  assert _version(tmp_path / "w4.qjx") == 1  # what version-1 readers read
+
+
+def test_version_1_files_with_two_bit_kernels_still_load(tmp_path):
+  """Version 1 stored 2-bit values two per byte: such a file (its header and nibble data, as the
+  old writer wrote them) loads with the values repacked four per byte."""
+  q = np.random.default_rng(1).integers(-2, 2, size=(3, 5)).astype(np.int8)
+  nibbles = np.zeros(-(-q.size // 2), np.uint8)  # the old layout, written out by hand
+  for i, v in enumerate(q.reshape(-1)):
+    nibbles[i // 2] |= (int(v) & 0xF) << (4 * (i % 2))
+  old = QArray(jnp.asarray(nibbles), jnp.float32(0.5), jnp.float32(0.0), q.shape, 2)
+  path = tmp_path / "v1.qjx"
+  save_quantized(path, {"params": {"kernel": old, "bias": jnp.ones(5)}})
+  blob = path.read_bytes()
+  path.write_bytes(blob[:8] + struct.pack("<I", 1) + blob[12:])  # the old writer's version
+  back = load_quantized(path)["params"]
+  np.testing.assert_array_equal(back["kernel"].unpack(), q)
+  assert back["kernel"].values.size == -(-q.size // 4)
+  np.testing.assert_array_equal(back["bias"], np.ones(5))

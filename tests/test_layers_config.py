@@ -50,6 +50,10 @@ def variant(request):
     (dict(pact=True, pact_init=0.0), r"pact_init.*0\.0"),
     (dict(method="lsq", weight_calibration="mse"), r"weight_calibration.*'mse'.*lsq"),
     (dict(weight_bits=None, act_bits=None), r"quantizes nothing"),
+    (dict(act_calibration="percentile", act_percentile=50.0), r"act_percentile.*\(50, 100\].*50"),
+    (dict(act_calibration="percentile", act_percentile=101), r"act_percentile.*101"),
+    (dict(act_calibration="percentile", act_percentile="99"), r"act_percentile.*'99'"),
+    (dict(act_percentile=99.0), r"act_percentile.*'percentile' only.*99\.0.*'ema'"),
   ],
 )
 def test_quant_config_rejects(kwargs, match):

@@ -139,24 +139,44 @@ def test_quantize_model_single_config_and_report():
     warnings.simplefilter("error")  # ".*" matches: no warning
     v = jax.eval_shape(qm.init, jax.random.key(0), X)
   assert set(v["quant_stats"]) == {"Conv_0", "Block_0", "Dense_0", "Dense_1"}
-  assert qatjax.rules_report(qm, X) == {".*": PATHS}
+  assert qatjax.rules_report(qm, X) == {".*": [(p, "W8A8") for p in PATHS]}
   report = qatjax.rules_report(qatjax.quantize_model(FloatCNN(), RULES), X)
+  labels = {
+    p: "float" if c is None else f"W{c.weight_bits}A{c.act_bits}" for p, c in RULES.patterns
+  }
   assert report == {
-    "^Conv_0$": ["Conv_0"],
-    "Block_0/Conv_0": ["Block_0/Conv_0"],
-    "Dense_0": ["Dense_0"],
-    "Dense_1": ["Dense_1"],
+    "^Conv_0$": [("Conv_0", labels["^Conv_0$"])],
+    "Block_0/Conv_0": [("Block_0/Conv_0", labels["Block_0/Conv_0"])],
+    "Dense_0": [("Dense_0", labels["Dense_0"])],
+    "Dense_1": [("Dense_1", labels["Dense_1"])],
     "Attention": [],
   }
   # First match wins: ".*Conv_\d+" takes both convs before ".*" sees them.
   first = qatjax.rules_report(
-    qatjax.quantize_model(FloatCNN(), {r".*Conv_\d+": QuantConfig(4, 4), ".*": QuantConfig()}), X
+    qatjax.quantize_model(FloatCNN(), {r".*Conv_\d+": QuantConfig(4, 2), ".*": QuantConfig()}), X
   )
-  assert first == {r".*Conv_\d+": ["Conv_0", "Block_0/Conv_0"], ".*": ["Dense_0", "Dense_1"]}
+  assert first == {
+    r".*Conv_\d+": [("Conv_0", "W4A2"), ("Block_0/Conv_0", "W4A2")],
+    ".*": [("Dense_0", "W8A8"), ("Dense_1", "W8A8")],
+  }
+
+
+def test_rules_repr_is_one_readable_line_per_rule():
+  text = repr(RULES)
+  lines = text.splitlines()
+  assert len(lines) == len(RULES.patterns) + 2 and len(text) < 400, text
+  assert lines[1] == "  '^Conv_0$': QuantConfig(),  # W8A8"
+  assert (
+    lines[2] == "  'Block_0/Conv_0': QuantConfig(weight_bits=4, act_bits=4, method='lsq'),  # W4A4"
+  )
+  assert lines[4] == "  'Dense_1': None,  # float"
+  assert eval(text, {"rules": qatjax.rules, "QuantConfig": QuantConfig}) == RULES
+  assert repr(qatjax.rules({})) == "rules({})"
 
 
 def test_rules_match_whole_paths():
   """A rule for Dense_1 does not catch Dense_10 or block/Dense_1 (re.fullmatch, not search)."""
+  assert "whole" in qatjax.rules.__doc__ and "fullmatch" in qatjax.rules.__doc__  # help(rules)
   r = qatjax.rules({"Dense_1": QuantConfig(4, 4), "Conv": QuantConfig(2, 2)})
   assert r.lookup("Dense_1").weight_bits == 4
   for path in ("Dense_10", "block/Dense_1", "Dense_1/inner", "Conv_0"):

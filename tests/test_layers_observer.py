@@ -327,3 +327,15 @@ def test_gradients_through_observer_quantizers(layer):
   np.testing.assert_allclose(g_x, np.where(mask, want_x, 0.0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_params["kernel"], want_params["kernel"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_params["bias"], want_params["bias"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [90.0, 99.99])
+def test_act_percentile_sets_the_observed_range(p):
+  """One batch: the observer's range is numpy's (100 - p)-th and p-th percentiles of the input."""
+  x = _rand((64, 5), 2, 0.5)
+  q = QDense(3, config=QuantConfig(act_calibration="percentile", act_percentile=p))
+  v = q.init(jax.random.key(0), x)
+  _, s = q.apply(v, x, mutable=["quant_stats"])
+  lo, hi, _ = _stats(s)
+  want = np.percentile(np.asarray(x, np.float64), [100.0 - p, p])
+  np.testing.assert_allclose((lo, hi), want, rtol=1e-5)

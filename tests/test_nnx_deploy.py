@@ -62,7 +62,14 @@ def test_convert_serves_integer_kernels(converted):
   assert kernels["conv"].values.dtype == jnp.int8 and kernels["head"].values.dtype == jnp.uint8
   assert kernels["proj"].shape == (4, 2, 3) and kernels["proj"].group_size == 2
   conv_vars = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(int_model.conv))}
-  assert conv_vars == {"kernel", "kernel_sum", "bias", "input_scale", "input_zero_point"}
+  assert conv_vars == {
+    "kernel",
+    "kernel_sum",
+    "bias",
+    "input_scale",
+    "input_zero_point",
+    "input_bits",
+  }
   assert not nnx.to_flat_state(nnx.state(int_model, qnnx.QuantStat))
   # The QAT model is untouched.
   assert not isinstance(model.conv.kernel.get_value(), QArray)

@@ -83,7 +83,7 @@ def test_in_place_rules_on_paths_and_float_qconvbn():
   }
   stats = nnx.to_pure_dict(nnx.state(model, qnnx.QuantStat))
   assert sorted(stats["blocks"][1]["fc"]) == sorted(
-    ["enabled", "observe", "input_min", "input_max", "input_count"]
+    ["enabled", "observe", "input_min", "input_max", "input_count", "input_count_from_float"]
   )
   assert int(stats["conv"]["input_count"]) == 1  # the observer saw the example once
   assert model.blocks[1].fc.quant_path == "blocks/1/fc"

@@ -1,5 +1,8 @@
 """qatjax.training.fit: epochs, shuffling, one compilation, metrics, progress bar and plots."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -57,7 +60,13 @@ def test_fit_digits_reports_metrics_and_writes_plots(tmp_path, capsys):
   assert hist[-1]["eval_accuracy"] > 0.5
   ev = evaluate(state, (x_te, y_te), batch_size=64, eval_step=eval_step)
   assert ev["count"] == 200 and abs(ev["accuracy"] - hist[-1]["eval_accuracy"]) < 1e-6
-  assert "epoch 4" in capsys.readouterr().err  # tqdm progress bar
+  # Not a terminal (captured): one plain line per epoch with its mean metrics, no bar updates.
+  out, err = capsys.readouterr()
+  lines = out.splitlines()
+  assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3", "epoch 4"]
+  assert lines[-1].startswith("epoch 4: 8 steps, ") and "train_loss" in lines[-1]
+  assert f"eval_accuracy {hist[-1]['eval_accuracy']:.4f}" in lines[-1]
+  assert "\r" not in out + err and "step/s" not in err
   for name in ("loss.png", "accuracy.png", "weight_scales.png", "quant_error.png"):
     path = tmp_path / "plots" / name
     assert path.is_file() and path.stat().st_size > 1000, name
@@ -151,3 +160,53 @@ def test_fit_errors():
     fit(state, (x, y[:5]), epochs=1, batch_size=4, **kw)
   with pytest.raises(ValueError, match="no batch of batch_size=4"):
     fit(state, [(x[:3], y[:3])], epochs=1, batch_size=4, **kw)
+
+
+class _Terminal:
+  """A stderr that says it is a terminal."""
+
+  def __init__(self):
+    self.text = ""
+
+  def isatty(self):
+    return True
+
+  def write(self, text):
+    self.text += text
+
+  def flush(self):
+    pass
+
+
+def test_fit_on_a_terminal_shows_a_bar(monkeypatch, capsys):
+  x, y = tiny_data(32)
+  state = create_train_state(Tiny(), optax.sgd(0.1), jax.random.key(0), x[:1])
+  terminal = _Terminal()
+  monkeypatch.setattr("sys.stderr", terminal)
+  fit(state, (x, y), epochs=2, batch_size=8, train_step=make_train_step(), rng=0, progress=True)
+  assert "epoch 2" in terminal.text and "\r" in terminal.text  # tqdm redraws in place
+  assert capsys.readouterr().out == ""
+
+
+def test_fit_trains_without_tqdm(tmp_path):
+  """The base install has no tqdm: ``progress=False`` (and a log's plain lines) do not need it."""
+  script = tmp_path / "no_tqdm.py"
+  script.write_text(
+    "import sys\n"
+    "sys.modules['tqdm'] = None  # any import of tqdm now fails\n"
+    "import jax, numpy as np, optax\n"
+    "from qatjax import QDense, QuantConfig\n"
+    "from qatjax.training import create_train_state, fit, make_train_step\n"
+    "x = np.ones((16, 3), np.float32); y = np.zeros(16, np.int32)\n"
+    "s = create_train_state(QDense(2, config=QuantConfig()), optax.sgd(0.1), 0, x[:1])\n"
+    "for progress in (False, True):\n"
+    "  s, h = fit(s, (x, y), epochs=1, batch_size=8, train_step=make_train_step(), rng=0,\n"
+    "             progress=progress)\n"
+    "print('trained', int(s.step))\n"
+  )
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = done.stdout.splitlines()  # progress=False: nothing; progress=True in a pipe: one line
+  assert len(lines) == 2 and lines[0].startswith("epoch 2: 2 steps, "), lines
+  assert "train_loss" in lines[0]
+  assert lines[1] == "trained 4"

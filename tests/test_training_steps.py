@@ -153,3 +153,38 @@ def test_bad_arguments():
     make_train_step(mode="ptq")(s, (x, y))
   with pytest.raises(ValueError, match="optax"):
     create_train_state(MLP(), "adam", 0, x[:1])
+
+
+def test_one_hot_and_soft_targets_train_like_integer_labels():
+  """One-hot targets give the integer labels' step exactly; soft targets (mixup, distillation)
+  give numpy's -sum(t * log_softmax) loss."""
+  x, y = data()
+  s = create_train_state(MLP(), optax.sgd(0.1), jax.random.key(0), x[:1])
+  step = make_train_step()
+  s_int, m_int = step(s, (x, y))
+  s_hot, m_hot = step(s, (x, np.eye(3, dtype=np.float32)[y]))
+  np.testing.assert_allclose(m_hot["loss"], m_int["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_hot["accuracy"], m_int["accuracy"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), s_hot.params, s_int.params)
+  soft = np.random.default_rng(1).dirichlet(np.ones(3), size=len(y)).astype(np.float32)
+  logits, _ = s.apply_fn(s.variables, x, mutable=["quant_stats"])  # the step's forward pass
+  logits = np.asarray(logits, np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  _, m_soft = step(s, (x, soft))
+  np.testing.assert_allclose(m_soft["loss"], np.mean(-(soft * log_p).sum(-1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "labels,given",
+  [
+    (np.zeros((16, 1), np.int32), r"\(16, 1\)"),  # class ids with a trailing axis
+    (np.zeros((16, 4), np.float32), r"\(16, 4\)"),  # targets for 4 classes, 3 logits
+    (np.zeros(16, np.float32), r"\(16,\) and dtype float32"),  # float class ids
+  ],
+)
+def test_labels_of_another_shape_are_a_clear_error(labels, given):
+  x, _ = data()
+  s = create_train_state(MLP(), optax.sgd(0.1), jax.random.key(0), x[:1])
+  allowed = r"logits of shape \(16, 3\).*class ids of shape \(16,\).*targets of shape \(16, 3\)"
+  with pytest.raises(ValueError, match=f"labels of shape {given}.*{allowed}"):
+    make_train_step()(s, (x, labels))

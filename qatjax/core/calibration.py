@@ -50,14 +50,27 @@ def _axes(x, axis):
 
 
 def batch_minmax(x, axis=None):
-  """Min and max of ``x``, per index of ``axis`` (or over everything); NaNs are ignored."""
+  """Min and max of ``x``, per index of ``axis`` (or over everything); NaNs are ignored.
+
+  Example:
+    >>> x = jnp.array([[1.0, -2.0], [jnp.nan, 4.0]])
+    >>> [v.tolist() for v in batch_minmax(x)]
+    [-2.0, 4.0]
+    >>> [v.tolist() for v in batch_minmax(x, axis=1)]   # per column: mins, maxes
+    [[1.0, -2.0], [1.0, 4.0]]
+  """
   x = jnp.asarray(x, jnp.float32)
   axes = _axes(x, axis)
   return jnp.nanmin(x, axis=axes), jnp.nanmax(x, axis=axes)
 
 
 def batch_percentile(x, lower: float = 0.01, upper: float = 99.99, axis=None):
-  """The ``lower`` and ``upper`` percentiles of ``x`` (in percent), per index of ``axis``."""
+  """The ``lower`` and ``upper`` percentiles of ``x`` (in percent), per index of ``axis``.
+
+  Example:
+    >>> [round(float(v), 4) for v in batch_percentile(jnp.arange(101.0), 5.0, 95.0)]
+    [5.0, 95.0]
+  """
   x = jnp.asarray(x, jnp.float32)
   axes = _axes(x, axis)
   return (jnp.nanpercentile(x, lower, axis=axes), jnp.nanpercentile(x, upper, axis=axes))
@@ -77,6 +90,12 @@ def batch_mse_range(
 
   Candidates are ``ratio * [min, max]`` for ``num_candidates`` ratios evenly spaced in
   ``[min_ratio, 1]``; each is scored by the mean squared error of fake-quantizing ``x`` with it.
+
+  Example:
+    >>> x = jnp.concatenate([jnp.linspace(-1.0, 1.0, 1000), jnp.array([20.0])])  # one outlier
+    >>> lo, hi = batch_mse_range(x, -8, 7, symmetric=True)
+    >>> bool(hi < 20.0)                               # clipped below the outlier
+    True
   """
   check_qrange(qmin, qmax)
   x = jnp.asarray(x, jnp.float32)

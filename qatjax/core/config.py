@@ -48,6 +48,9 @@ class QuantConfig:
       state (the LLM recipe; W4A8 = ``QuantConfig(4, 8, act_calibration="dynamic",
       act_granularity="per_token", ...)``).
     act_momentum: EMA momentum for the activation range (PyTorch's default is 0.01).
+    act_percentile: with ``act_calibration="percentile"``, the percentile (in percent, in
+      ``(50, 100]``) of each batch taken as the range's upper end; ``100 - act_percentile`` is
+      the lower end.
     pact: PACT activations (Choi et al. 2018): the input is clipped to a learned ``[0, alpha]``;
       use only where the input is non-negative (after a ReLU). Implies unsigned activations.
     pact_init: initial alpha.
@@ -78,6 +81,7 @@ class QuantConfig:
   act_symmetric: bool = False
   act_calibration: str = "ema"
   act_momentum: float = 0.01
+  act_percentile: float = 99.99
   pact: bool = False
   pact_init: float = 6.0
   act_granularity: str = "per_tensor"
@@ -108,6 +112,7 @@ class QuantConfig:
       raise ValueError(f"weight_group_size must be an int >= 1, got {self.weight_group_size!r}")
     if not 0.0 < self.act_momentum <= 1.0:
       raise ValueError(f"act_momentum must be in (0, 1], got {self.act_momentum!r}")
+    _check_percentile(self.act_percentile, self.act_calibration)
     if self.pact and self.act_bits is None:
       raise ValueError("pact=True needs act_bits, got act_bits=None")
     if self.pact and self.act_symmetric:
@@ -143,24 +148,53 @@ class QuantConfig:
 
   @property
   def narrow(self) -> bool:
-    """Whether the weight range drops its most negative integer (see ``weight_narrow_range``)."""
+    """Whether the weight range drops its most negative integer (see ``weight_narrow_range``).
+
+    Example:
+      >>> QuantConfig().narrow, QuantConfig(method="lsq").narrow   # observer: [-127, 127]
+      (True, False)
+    """
     if self.weight_narrow_range is None:
       return self.method == "observer"
     return self.weight_narrow_range
 
   @property
   def weight_range(self) -> tuple[int, int] | None:
-    """``(qmin, qmax)`` of the weights, or ``None``."""
+    """``(qmin, qmax)`` of the weights, or ``None``.
+
+    Example:
+      >>> QuantConfig(weight_bits=2).weight_range, QuantConfig(2, method="lsq").weight_range
+      ((-1, 1), (-2, 1))
+    """
     if self.weight_bits is None:
       return None
     return qrange(self.weight_bits, signed=True, narrow=self.narrow)
 
   @property
   def act_range(self) -> tuple[int, int] | None:
-    """``(qmin, qmax)`` of the input activations, or ``None``."""
+    """``(qmin, qmax)`` of the input activations, or ``None``.
+
+    Example:
+      >>> QuantConfig(act_bits=4).act_range, QuantConfig(act_bits=4, act_symmetric=True).act_range
+      ((0, 15), (-8, 7))
+    """
     if self.act_bits is None:
       return None
     return qrange(self.act_bits, signed=self.act_symmetric)
+
+  @property
+  def bits_label(self) -> str:
+    """The bit widths in short: ``"W4A8"``, ``"W4 (float act)"``, ``"A8 (float weights)"``.
+
+    Example:
+      >>> QuantConfig(4, 8).bits_label, QuantConfig(weight_bits=4, act_bits=None).bits_label
+      ('W4A8', 'W4 (float act)')
+    """
+    if self.act_bits is None:
+      return f"W{self.weight_bits} (float act)"
+    if self.weight_bits is None:
+      return f"A{self.act_bits} (float weights)"
+    return f"W{self.weight_bits}A{self.act_bits}"
 
   @functools.cached_property
   def weight_quant(self) -> WeightQuant | None:
@@ -216,6 +250,17 @@ def _check_choice(name, value, allowed):
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def _check_percentile(p, calibration):
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < p <= 100.0:
+    raise ValueError(f"act_percentile must be a number in (50, 100], got {p!r}")
+  default = QuantConfig.__dataclass_fields__["act_percentile"].default
+  if p != default and calibration != "percentile":
+    raise ValueError(
+      f"act_percentile applies to act_calibration='percentile' only, got act_percentile={p!r} "
+      f"with act_calibration={calibration!r}"
+    )
+
+
 def _act_calibrator(cfg: QuantConfig, qmin: int, qmax: int) -> cal.Calibrator:
   kind = cfg.act_calibration
   if kind == "ema":
@@ -223,7 +268,9 @@ def _act_calibrator(cfg: QuantConfig, qmin: int, qmax: int) -> cal.Calibrator:
   if kind == "minmax":
     return cal.minmax()
   if kind == "percentile":
-    return cal.percentile(momentum=cfg.act_momentum)
+    # Rounded so that the default 99.99 gives exactly the calibrator's 0.01 lower percentile.
+    lower = round(100.0 - cfg.act_percentile, 10)
+    return cal.percentile(lower, float(cfg.act_percentile), momentum=cfg.act_momentum)
   return cal.mse(qmin, qmax, symmetric=cfg.act_symmetric, momentum=cfg.act_momentum)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qatjax.core.qarray import unpack_int4
+from qatjax.core.qarray import storage_bits, unpack_bits
 
 
 def quantize_input_int8(x, scale, zero_point, qmin: int, qmax: int):
@@ -143,14 +143,16 @@ def int_matmul_grouped(qx3, zx3, qw3, scale3, group_size: int, grouped_len: int)
 SWAP_ROWS = 64
 
 
-def int_matmul_nk(x, zx, values, n: int, k: int, packed: bool, kernel_sum):
-  """``x @ w.T - zx * kernel_sum`` in int32 for int8 ``x`` ``(M, K)`` and weights stored
-  ``(N, K)`` (``values``: int8, or for ``packed`` 4-bit weights the flat packed bytes).
+def int_matmul_nk(x, zx, values, n: int, k: int, bits: int, kernel_sum):
+  """``x @ w.T - zx * kernel_sum`` in int32 for int8 ``x`` ``(M, K)`` and ``bits``-bit weights
+  stored ``(N, K)`` (``values``: int8, or for ``bits <= 4`` the flat packed bytes of a
+  :class:`~qatjax.core.qarray.QArray`).
 
   The weights are read in their stored order, contracting the minor dimension of both operands:
-  no transpose and no repacking of the weights per call. Packed 4-bit weights with an even ``K``
-  are not interleaved either: the low nibbles hold the even ``k`` and the high nibbles the odd
-  ``k``, so the product is ``x[:, 0::2] @ low.T + x[:, 1::2] @ high.T`` (the same int32 sums).
+  no transpose and no repacking of the weights per call. Packed weights whose ``K`` is a multiple
+  of the values per byte ``p`` (2 at 3..4 bits, 4 at 2 bits) are not interleaved either: field
+  ``j`` of every byte holds the ``k`` with ``k % p == j``, so the product is
+  ``sum_j x[:, j::p] @ field_j.T`` (the same int32 sums).
   For few rows the product is computed as ``(w @ x.T).T`` (see ``SWAP_ROWS``), and a single row
   is padded to two: XLA:CPU lowers a one-row int8 dot to an int32 one that converts the whole
   kernel (20-50x slower). Every variant gives the same int32 values. ``zx`` is a scalar or one
@@ -169,11 +171,13 @@ def int_matmul_nk(x, zx, values, n: int, k: int, packed: bool, kernel_sum):
       else lax.dot_general(a, w, nt, preferred_element_type=jnp.int32)
     )
 
-  if packed and k % 2 == 0:
-    lo, hi = int4_nibbles(values)
-    acc = dot(x[:, 0::2], lo.reshape(n, k // 2)) + dot(x[:, 1::2], hi.reshape(n, k // 2))
+  width = storage_bits(bits)
+  per = 8 // width
+  if per > 1 and k % per == 0:
+    fields = packed_fields(values, width)
+    acc = sum(dot(x[:, j::per], f.reshape(n, k // per)) for j, f in enumerate(fields))
   else:
-    w = unpack_int4(values, (n, k)) if packed else values.reshape(n, k)
+    w = unpack_bits(values, (n, k), width) if per > 1 else values.reshape(n, k)
     acc = dot(x, w)
   if swap:  # the barrier keeps XLA from folding the transpose back into the dot
     acc = lax.optimization_barrier(acc).T
@@ -182,13 +186,21 @@ def int_matmul_nk(x, zx, values, n: int, k: int, packed: bool, kernel_sum):
   return acc - zx * kernel_sum
 
 
-def int4_nibbles(packed):
-  """Signed low and high nibbles of packed 4-bit values, int8 (sign-extended by shifts)."""
+def packed_fields(packed, width: int) -> list[jax.Array]:
+  """The ``8 // width`` signed fields of packed ``width``-bit values (low bits first), each an
+  int8 array of the bytes' shape, sign-extended by shifts (no lookup, no ``where``).
+
+  Example:
+    >>> from qatjax.core.int_kernels import packed_fields
+    >>> [f.tolist() for f in packed_fields(jnp.array([141], jnp.uint8), 2)]  # 0b10_00_11_01
+    [[1], [-1], [0], [-2]]
+  """
   p = lax.bitcast_convert_type(jnp.asarray(packed, jnp.uint8), jnp.int8)
-  four = jnp.int8(4)
-  return lax.shift_right_arithmetic(lax.shift_left(p, four), four), lax.shift_right_arithmetic(
-    p, four
-  )
+  right = jnp.int8(8 - width)
+  return [
+    lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(8 - width * (j + 1))), right)
+    for j in range(8 // width)
+  ]
 
 
 # Largest contraction size whose float32 sums of (qx - zx) * qw are exact integers:

@@ -10,7 +10,12 @@ from qatjax.core.ranges import EPS
 
 
 def int_dtype(qmin: int, qmax: int):
-  """Smallest integer dtype that holds ``[qmin, qmax]`` (int8, uint8, else int32)."""
+  """Smallest integer dtype that holds ``[qmin, qmax]`` (int8, uint8, else int32).
+
+  Example:
+    >>> int_dtype(-8, 7), int_dtype(0, 255), int_dtype(0, 65535)
+    (<class 'jax.numpy.int8'>, <class 'jax.numpy.uint8'>, <class 'jax.numpy.int32'>)
+  """
   if qmin >= -128 and qmax <= 127:
     return jnp.int8
   if qmin >= 0 and qmax <= 255:

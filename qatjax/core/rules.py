@@ -17,9 +17,29 @@ class QuantRules:
   a path only if its regex matches the *whole* path (``re.fullmatch``): ``"Dense_1"`` matches
   ``Dense_1`` but not ``Dense_10`` or ``block/Dense_1`` (write ``".*Dense_1"`` for the latter). A
   config of ``None`` keeps the matched layers float; a path that matches no rule is also float.
+
+  Its ``repr`` is one line per rule (the configs' non-default fields, and their bit widths),
+  and evaluates back to equal rules.
+
+  Example:
+    >>> r = rules({"head": None, ".*": QuantConfig(4, 4, method="lsq")})
+    >>> r
+    rules({
+      'head': None,  # float
+      '.*': QuantConfig(weight_bits=4, act_bits=4, method='lsq'),  # W4A4
+    })
+    >>> eval(repr(r)) == r
+    True
   """
 
   patterns: tuple[tuple[str, QuantConfig | None], ...]
+
+  def __repr__(self) -> str:
+    lines = [
+      f"  {pattern!r}: {_config_repr(cfg)},  # {'float' if cfg is None else cfg.bits_label}"
+      for pattern, cfg in self.patterns
+    ]
+    return "\n".join(["rules({", *lines, "})"]) if lines else "rules({})"
 
   def __post_init__(self):
     for pattern, cfg in self.patterns:
@@ -31,15 +51,37 @@ class QuantRules:
         raise ValueError(f"rule {pattern!r} must map to a QuantConfig or None, got {cfg!r}")
 
   def match(self, path: str) -> tuple[str | None, QuantConfig | None]:
-    """Returns ``(pattern, config)`` of the first rule matching ``path``, else ``(None, None)``."""
+    """Returns ``(pattern, config)`` of the first rule matching ``path``, else ``(None, None)``.
+
+    Example:
+      >>> rules({"Dense_.*": None}).match("Dense_3"), rules({"Dense_.*": None}).match("Conv_0")
+      (('Dense_.*', None), (None, None))
+    """
     for pattern, cfg in self.patterns:
       if re.fullmatch(pattern, path):
         return pattern, cfg
     return None, None
 
   def lookup(self, path: str) -> QuantConfig | None:
-    """The config of the first rule matching the whole ``path`` (``None``: keep it float)."""
+    """The config of the first rule matching the whole ``path`` (``None``: keep it float).
+
+    Example:
+      >>> rules({"Conv_.*": QuantConfig(4, 4)}).lookup("Conv_1").weight_bits
+      4
+    """
     return self.match(path)[1]
+
+
+def _config_repr(cfg: QuantConfig | None) -> str:
+  """``QuantConfig(...)`` with only the fields that differ from their defaults."""
+  if cfg is None:
+    return "None"
+  changed = [
+    f"{f.name}={getattr(cfg, f.name)!r}"
+    for f in dataclasses.fields(cfg)
+    if getattr(cfg, f.name) != f.default
+  ]
+  return f"QuantConfig({', '.join(changed)})"
 
 
 def rules(mapping: Mapping[str, QuantConfig | None]) -> QuantRules:

@@ -146,8 +146,10 @@ class QDense(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> layer = QDense(4, config=QuantConfig(weight_bits=8, act_bits=8))
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
-    >>> sorted(variables["params"]), sorted(variables["quant_stats"])
-    (['bias', 'kernel'], ['enabled', 'input_count', 'input_max', 'input_min', 'observe'])
+    >>> sorted(variables["params"])
+    ['bias', 'kernel']
+    >>> sorted(variables["quant_stats"])
+    ['enabled', 'input_count', 'input_count_from_float', 'input_max', 'input_min', 'observe']
     >>> y, updates = layer.apply(variables, jnp.ones((2, 3)), mutable=["quant_stats"])
     >>> y.shape
     (2, 4)

@@ -71,5 +71,12 @@ class QEmbed(nn.Module):
 
   def attend(self, query):
     """Dot product of ``query`` with every (quantized) row, as ``nn.Embed.attend`` (the query
-    is quantized with the activation settings, the table as for the lookup)."""
+    is quantized with the activation settings, the table as for the lookup).
+
+    Example:
+      >>> emb = QEmbed(10, 4, config=QuantConfig(weight_bits=8, act_bits=None))
+      >>> v = emb.init(jax.random.key(0), jnp.array([1, 2]))
+      >>> emb.apply(v, jnp.ones((3, 4)), method=QEmbed.attend).shape   # a score per row
+      (3, 10)
+    """
     return embed_attend_call(self, query, resolve(self.config, module_path(self)))

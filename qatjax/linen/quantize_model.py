@@ -54,7 +54,16 @@ class QuantizedModel(nn.Module):
     return "/".join(str(p) for p in module.path[len(self.path) :]) or "<root>"
 
   def run(self, method: str, *args, **kwargs):
-    """Calls the wrapped model's ``method`` with its layers quantized by the rules."""
+    """Calls the wrapped model's ``method`` with its layers quantized by the rules.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> qm = quantize_model(nn.Sequential([nn.Dense(3), nn.Dense(2)]), QuantConfig())
+      >>> x = jnp.ones((1, 4))
+      >>> v = qm.init(jax.random.key(0), x)
+      >>> qm.apply(v, "__call__", x, method=QuantizedModel.run).shape  # the same as qm.apply(v, x)
+      (1, 2)
+    """
     matched: dict[str, set[str]] = {}
     rules = self.rules
 
@@ -87,7 +96,21 @@ class QuantizedModel(nn.Module):
 
   def init(self, rngs, *args, **kwargs):
     """``nn.Module.init``, then a warning naming every matmul, convolution or table lookup that
-    stays float inside a layer a rule asked to quantize (see :func:`qatjax.coverage`)."""
+    stays float inside a layer a rule asked to quantize (see :func:`qatjax.coverage`).
+
+    Example:
+      >>> import warnings, flax.linen as nn
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     w = self.param("w", nn.initializers.ones, (3, 2))
+      ...     return x @ w                     # a raw matmul inside the matched root
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...   warnings.simplefilter("always")
+      ...   _ = quantize_model(Net(), QuantConfig()).init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> "these ops stay float in matched layers: <root> dot_general" in str(caught[-1].message)
+      True
+    """
     variables = super().init(rngs, *args, **kwargs)
     if kwargs.get("method") is None:
       from qatjax.linen.coverage import coverage
@@ -149,8 +172,10 @@ def quantize_model(model: nn.Module, rules: QuantRules | QuantConfig | dict) -> 
   return QuantizedModel(_FloatModel(model), rules)
 
 
-def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[str]]:
-  """``{pattern: [matched layer paths]}`` for every rule of a :func:`quantize_model` model.
+def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[tuple[str, str]]]:
+  """``{pattern: [(layer path, bit widths), ...]}`` for every rule of a :func:`quantize_model`
+  model, in rule order; the bit widths are :attr:`QuantConfig.bits_label` (``"W8A8"``) or
+  ``"float"`` for a rule that maps to ``None``. A rule that matches no layer has an empty list.
 
   Args:
     model: the model :func:`quantize_model` returned.
@@ -159,19 +184,26 @@ def rules_report(model: QuantizedModel, *args, **kwargs) -> dict[str, list[str]]
 
   Example:
     >>> import flax.linen as nn
-    >>> qm = quantize_model(nn.Sequential([nn.Dense(4), nn.Dense(2)]),
-    ...                     {"layers_0": QuantConfig(8, 8), "layers_9": None})
-    >>> rules_report(qm, jnp.ones((1, 3)))
-    {'layers_0': ['layers_0'], 'layers_9': []}
+    >>> qm = quantize_model(
+    ...   nn.Sequential([nn.Dense(4), nn.Dense(4), nn.Dense(4), nn.Dense(2)]),
+    ...   {"layers_0": QuantConfig(8, 8), "layers_3": None, ".*": QuantConfig(4, 4), "x": None},
+    ... )
+    >>> for pattern, layers in rules_report(qm, jnp.ones((1, 3))).items():
+    ...   print(repr(pattern), layers)
+    'layers_0' [('layers_0', 'W8A8')]
+    'layers_3' [('layers_3', 'float')]
+    '.*' [('layers_1', 'W4A4'), ('layers_2', 'W4A4')]
+    'x' []
   """
   matched = {p: [] for p, _ in model.rules.patterns}
 
   def interceptor(next_fun, a, kw, context):
     if context.method_name == "__call__" and find_layer(context.module) is not None:
       path = module_path(context.module)
-      pattern, _ = model.rules.match(path)
-      if pattern is not None and path not in matched[pattern]:
-        matched[pattern].append(path)
+      pattern, cfg = model.rules.match(path)
+      entry = (path, "float" if cfg is None else cfg.bits_label)
+      if pattern is not None and entry not in matched[pattern]:
+        matched[pattern].append(entry)
     return next_fun(*a, **kw)
 
   with warnings.catch_warnings():

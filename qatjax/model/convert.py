@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 from flax import traverse_util
 
+from qatjax.core.qarray import QArray
+from qatjax.model.from_float import no_quantized_layer
+from qatjax.model.observers import warn_stale_observers
 from qatjax.model.sharding import place_like_weight
 from qatjax.ops.registry import ACT_SITES, CONVERTED_MARKERS, RECORD, STATS, WEIGHTS, act_leaf
 
@@ -31,12 +35,12 @@ def convert(model, variables, *args, **kwargs) -> dict:
   Runs ``model`` once in evaluation mode (``quant_stats`` immutable) on the example ``args`` with
   the ``quant_record`` collection mutable: every quantized op records what its integer kernel
   needs. For every quantized layer that is its kernel (or embedding table) as a :class:`QArray`
-  (``int8``; two values per byte for 4 bits and fewer) stored in the order the kernel reads it,
-  its frozen input scale and zero point, and the int32 kernel sums the zero-point correction
-  needs. ``QConvBN`` layers are folded: their kernel holds ``W * gamma / sqrt(var + eps)`` and
-  their ``bias`` the folded BN shift. Biases stay float32 (added after the int32 accumulator is
-  rescaled). The layer's quantizer parameters and statistics are dropped; float layers are left
-  untouched.
+  (``int8``; two values per byte at 3 and 4 bits, four at 2 bits) stored in the order the kernel
+  reads it, its frozen input scale, zero point and bit width, and the int32 kernel sums the
+  zero-point correction needs. ``QConvBN`` layers are folded: their kernel holds
+  ``W * gamma / sqrt(var + eps)`` and their ``bias`` the folded BN shift. Biases stay float32
+  (added after the int32 accumulator is rescaled). The layer's quantizer parameters and statistics
+  are dropped; float layers are left untouched.
 
   Shardings are kept: when a layer's float weight is split over a mesh (a ``NamedSharding``),
   the stored integers, their scales and the layer's other recorded tensors follow it
@@ -57,7 +61,13 @@ def convert(model, variables, *args, **kwargs) -> dict:
     where a layer still needs it (``QAct``).
 
   Raises:
-    ValueError: naming a layer whose activation observer was never calibrated.
+    ValueError: naming a layer whose activation observer was never calibrated; a model with no
+      quantized layer; variables that are already converted.
+
+  Warns:
+    UserWarning: naming the layers whose observers have seen no batch since :func:`from_float`
+      (a training loop that never made ``quant_stats`` mutable): their frozen input ranges are
+      the example batch's.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -74,6 +84,14 @@ def convert(model, variables, *args, **kwargs) -> dict:
   variables = dict(variables)
   _, recorded = model.apply(variables, *args, mutable=[RECORD], **kwargs)
   record = _flat(recorded.get(RECORD, {}))
+  if not record and STATS not in variables:
+    converted = any(
+      isinstance(leaf, QArray)
+      for leaf in jax.tree.leaves(variables["params"], is_leaf=lambda a: isinstance(a, QArray))
+    )
+    if converted:
+      raise ValueError("convert: the variables are already converted (their kernels are QArrays)")
+    raise ValueError(no_quantized_layer("convert", model))
   layers = sorted({k[:-1] for k in record if k[-1] in CONVERTED_MARKERS})
   params = _flat(variables["params"])
   stats = _flat(variables.get(STATS, {}))
@@ -89,6 +107,7 @@ def convert(model, variables, *args, **kwargs) -> dict:
       params[key] = place_like_weight(source, weight, record[key])
     for key in [k for k in stats if k[:-1] == layer]:
       del stats[key]
+  warn_stale_observers(variables, "convert")
   out = {"params": traverse_util.unflatten_dict(params)}
   if stats:
     out[STATS] = traverse_util.unflatten_dict(stats)

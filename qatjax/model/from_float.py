@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from qatjax.ops.registry import is_quantizer_param
+from qatjax.ops.registry import ACT_SITES, STATS, act_leaf, is_quantizer_param
 
 
 def _flat_paths(tree):
@@ -23,7 +23,9 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
   runs ``qmodel`` once on ``args`` with the float weights to initialise the quantizers: LSQ steps
   from LSQ's rule on the float kernels (``2 * mean(|w|) / sqrt(qmax)``), activation scales and
   observer statistics from this batch. Float leaves are returned unchanged (``batch_stats`` is
-  not updated by the example batch).
+  not updated by the example batch). Each observer records the batch count it was left with
+  (``input_count_from_float``), so that :func:`convert` can warn about observers a training loop
+  never updated (one that does not make ``quant_stats`` mutable).
 
   Args:
     qmodel: the quantized model (``QDense`` / ``QConv`` layers, or :func:`quantize_model`).
@@ -37,7 +39,7 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
 
   Raises:
     ValueError: naming a path the float variables lack, or one they have and ``qmodel`` lacks or
-      has with another shape.
+      has with another shape; or ``qmodel`` has no quantized layer.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -49,6 +51,8 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
   """
   rng = jax.random.key(0) if rng is None else rng
   ref = jax.eval_shape(lambda: qmodel.init(rng, *args, **kwargs))
+  if STATS not in ref:
+    raise ValueError(no_quantized_layer("from_float", qmodel))
   float_cols = {c: float_variables[c] for c in ("params", "batch_stats") if c in float_variables}
   if "params" not in float_cols:
     raise ValueError(f"float_variables has no 'params' collection (got {sorted(float_variables)})")
@@ -81,4 +85,27 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
   out = {c: new[c] for c in ref if c in new}
   for col, tree in float_cols.items():
     out[col] = traverse_util.unflatten_dict({**_flat_paths(new[col]), **_flat_paths(tree)}, sep="/")
+  out[STATS] = _record_counts(out[STATS])
   return out
+
+
+def _record_counts(stats):
+  """``stats`` with every observer's ``<site>_count_from_float`` set to its current count."""
+  flat = traverse_util.flatten_dict(dict(stats), sep="/")
+  for key, value in list(flat.items()):
+    layer, _, name = key.rpartition("/")
+    for site in ACT_SITES:
+      start = (f"{layer}/" if layer else "") + act_leaf(site, "count_from_float")
+      if name == act_leaf(site, "count") and start in flat:
+        flat[start] = value
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def no_quantized_layer(caller: str, model) -> str:
+  """The message for a model none of whose layers quantizes anything."""
+  return (
+    f"{caller}: no layer of {type(model).__name__} is quantized (no QDense / QConv / QEmbed / "
+    "QAct layer with a QuantConfig, and no quantize_model rule that maps a layer to a "
+    "QuantConfig): wrap the float model with qatjax.quantize_model(model, QuantConfig()) or "
+    "give its layers a config"
+  )

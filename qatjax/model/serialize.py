@@ -3,7 +3,7 @@
 File layout (all integers little-endian)::
 
   bytes 0..7    magic  b"\\x89QATJAX\\n"
-  bytes 8..11   uint32 format version (1)
+  bytes 8..11   uint32 format version (1 or 2, see below)
   bytes 12..19  uint64 length H of the header
   H bytes       header, UTF-8 JSON:
                   {"data_bytes": N, "crc32": <of the data section>,
@@ -19,6 +19,11 @@ It is safetensors-like: arrays are stored bit for bit (int8 and packed-uint8 ker
 scales, int32 kernel sums...), so a round trip is exact, and the header carries what a
 :class:`QArray` keeps outside its arrays (``shape``, ``bits``, ``axis``, ``group_size``). The file
 can be read with numpy alone. (``perm``: the QArray's storage order, see :class:`QArray`.)
+
+Versions: in version 2 a 2-bit QArray's ``values`` hold four values per byte (3- and 4-bit ones
+two per byte, as in version 1); version 1 stored 2-bit values two per byte. A file is written as
+version 1 unless it holds a 2-bit QArray, so older readers still read every file they can
+represent; version 1 files load, their 2-bit kernels repacked four per byte.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qatjax.core.qarray import QArray
+from qatjax.core.qarray import QArray, pack_bits, storage_bits, unpack_bits
 from qatjax.model.nnx_variables import as_variables
 
 MAGIC = b"\x89QATJAX\n"
-VERSION = 1
+VERSION = 2  # the newest version this module reads and writes (see the module docstring)
 _PREFIX = struct.Struct("<8sIQ")
 
 
@@ -135,11 +140,18 @@ def save_quantized(path, qvars) -> None:
   ).encode()
   path = os.fspath(path)
   tmp = path + ".tmp"
+  version = 2 if any(e["kind"] == "qarray" and storage_bits(e["bits"]) == 2 for e in entries) else 1
   with open(tmp, "wb") as f:
-    f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
+    f.write(_PREFIX.pack(MAGIC, version, len(header)))
     f.write(header)
     f.write(data)
   os.replace(tmp, path)
+
+
+def _repack_v1_int2(values, shape):
+  """A version-1 file's 2-bit values (two per byte) packed four per byte, as :class:`QArray`
+  stores them now (the flat order is the same)."""
+  return pack_bits(unpack_bits(values, (int(np.prod(shape, dtype=np.int64)),), 4), 2)
 
 
 def _bad(path, why):
@@ -155,6 +167,15 @@ def load_quantized(path) -> dict:
   Raises:
     ValueError: naming the file when it is missing, not such a file (magic), from a newer format
       version, truncated, or corrupt (checksum or header mismatch).
+
+  Example:
+    >>> import os, tempfile
+    >>> qa = QArray.create(jnp.array([[1, -2], [0, 1]], jnp.int8), jnp.float32(0.25), bits=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "w2.qjx")
+    >>> save_quantized(path, {"params": {"kernel": qa, "bias": jnp.zeros(2)}})
+    >>> back = load_quantized(path)["params"]
+    >>> back["kernel"].bits, back["kernel"].unpack().tolist(), back["bias"].dtype
+    (2, [[1, -2], [0, 1]], dtype('float32'))
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -168,7 +189,8 @@ def load_quantized(path) -> dict:
     raise _bad(path, f"magic bytes {magic!r}, expected {MAGIC!r}")
   if version > VERSION or version < 1:
     raise ValueError(
-      f"{path} has format version {version}; this qatjax reads version {VERSION} (upgrade qatjax)"
+      f"{path} has format version {version}; this qatjax reads versions 1 to {VERSION} "
+      "(upgrade qatjax)"
     )
   start = _PREFIX.size
   if start + hlen > len(blob):
@@ -222,8 +244,11 @@ def load_quantized(path) -> dict:
     where = "/".join(map(str, keys or []))
     if e.get("kind") == "qarray":
       try:
+        values = array(e["values"], where + ".values")
+        if version == 1 and storage_bits(int(e["bits"])) == 2:
+          values = _repack_v1_int2(values, e["shape"])
         qa = QArray(
-          array(e["values"], where + ".values"),
+          values,
           array(e["scale"], where + ".scale"),
           array(e["zero_point"], where + ".zero_point"),
           tuple(e["shape"]),

@@ -48,7 +48,7 @@ class QuantStat(nnx.Variable):
     >>> layer = QLinear(3, 2, config=QuantConfig(), rngs=nnx.Rngs(0))
     >>> init_quantizers(layer, jnp.ones((1, 3)))
     >>> sorted(nnx.to_pure_dict(nnx.state(layer, QuantStat)))
-    ['enabled', 'input_count', 'input_max', 'input_min', 'observe']
+    ['enabled', 'input_count', 'input_count_from_float', 'input_max', 'input_min', 'observe']
   """
 
 

@@ -72,8 +72,14 @@ def run_on_copy(model, body: Callable, args, kwargs):
   return jax.jit(run)(state, [leaf for leaf, t in zip(leaves, traced) if t])
 
 
-def example_pass(model, args, kwargs, prepare: Callable | None = None) -> None:
+def example_pass(
+  model, args, kwargs, prepare: Callable | None = None, *, from_float: bool = False
+) -> None:
   """``prepare(model)``, then one forward pass on the example that creates the quantizer state.
+
+  With ``from_float`` (:func:`qatjax.nnx.quantize_model`, Linen's ``from_float``), every
+  observer's ``<site>_count_from_float`` records the count it ends with, so that ``convert`` can
+  warn about observers a training loop never updated (:mod:`qatjax.model.observers`).
 
   The pass runs in evaluation mode (no BatchNorm or dropout update) with the observers on: LSQ
   steps are initialised from this batch and the observers see it once (as Linen's
@@ -92,6 +98,11 @@ def example_pass(model, args, kwargs, prepare: Callable | None = None) -> None:
     values = {}
     for path, name in created:
       values.setdefault(path, {})[name] = vars(modules[path])[name].get_value()
+    if from_float:
+      for leaves in values.values():
+        for name in leaves:
+          if name.endswith("_count_from_float"):
+            leaves[name] = leaves[name.removesuffix("_from_float")]
     return values
 
   values = run_on_copy(model, body, args, kwargs)

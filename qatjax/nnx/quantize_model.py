@@ -164,7 +164,7 @@ def quantize_model(model, rules, *example_args, **example_kwargs):
     raise ValueError(f"quantize_model expects an nnx.Module, got {type(model).__name__}")
   plan = _plan(model, rules)
   unmatched = [p for p, found in rules_report(model, rules).items() if not found]
-  example_pass(model, example_args, example_kwargs, prepare=_apply(plan))
+  example_pass(model, example_args, example_kwargs, prepare=_apply(plan), from_float=True)
   if unmatched:
     warnings.warn(f"quantize_model: rules {unmatched} matched no quantizable layer", stacklevel=2)
   return model

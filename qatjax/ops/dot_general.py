@@ -146,7 +146,7 @@ def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
   if dl.b == 1 and _is_canonical(qa, dl):  # the layout XLA:CPU's int8 matmul reads fastest
     ks = ksum.reshape(-1) if ksum.ndim else ksum
     zx2 = zx if zx.ndim == 0 else zx[0]
-    acc = int_matmul_nk(x3[0], zx2, qa.values, dl.n, dl.k, qa.packed, ks)[None]
+    acc = int_matmul_nk(x3[0], zx2, qa.values, dl.n, dl.k, qa.bits, ks)[None]
   else:
     acc = int_matmul(x3, zx, _weight3(qa, dl), ksum if ksum.ndim == 0 else jnp.swapaxes(ksum, 1, 2))
   sw = sw if sw.ndim == 0 else jnp.swapaxes(sw, 1, 2)

@@ -4,7 +4,8 @@ Each quantizer takes a resolved spec (:class:`~qatjax.core.config.WeightQuant` /
 :class:`~qatjax.core.config.ActQuant`) and returns the fake-quantized tensor plus what
 ``convert`` needs to store the integers. State (per layer; names from :mod:`qatjax.ops.registry`):
 
-* observer activations: statistics ``input_min``, ``input_max``, ``input_count``;
+* observer activations: statistics ``input_min``, ``input_max``, ``input_count`` and
+  ``input_count_from_float`` (the count :func:`qatjax.from_float` left; never read here);
 * LSQ: parameters ``kernel_scale`` (``embedding_scale``), ``input_scale`` and, affine,
   ``input_zero_point`` (Esser et al. 2020; Bhalgat et al. 2020);
 * PACT: parameter ``input_alpha`` (Choi et al. 2018).
@@ -41,12 +42,13 @@ from qatjax.ops.registry import act_leaf, weight_scale
 @dataclasses.dataclass(frozen=True)
 class ActParams:
   """The scale and zero point an activation was quantized with, whether they are set (an
-  observer that has seen no batch yet is not), and whether they are frozen for serving (dynamic
-  scales are not: the integer model recomputes them from each tensor)."""
+  observer that has seen no batch yet is not), its bit width, and whether they are frozen for
+  serving (dynamic scales are not: the integer model recomputes them from each tensor)."""
 
   scale: jax.Array
   zero_point: jax.Array
   ready: jax.Array
+  bits: int
   frozen: bool = True
 
 
@@ -55,6 +57,7 @@ def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
   v_min = ctx.stat(act_leaf(site, "min"), zeros(jnp.float32))
   v_max = ctx.stat(act_leaf(site, "max"), zeros(jnp.float32))
   v_cnt = ctx.stat(act_leaf(site, "count"), zeros(jnp.int32))
+  ctx.stat(act_leaf(site, "count_from_float"), zeros(jnp.int32))
   state = cal.RangeState(v_min.value, v_max.value, v_cnt.value)
   if ctx.observing:
     new = spec.calibrator.update(state, jax.lax.stop_gradient(x))
@@ -111,7 +114,7 @@ def quantize_act(
   if spec.method == "dynamic":
     s, z = dynamic_act_params(x, spec, contract_axes)
     y = broadcast_fake_quant(x, s, z, qmin, qmax)
-    return jnp.where(enabled, y, x), ActParams(s, z, jnp.bool_(True), frozen=False)
+    return jnp.where(enabled, y, x), ActParams(s, z, jnp.bool_(True), spec.bits, frozen=False)
   if spec.method == "pact":
     alpha = ctx.param(act_leaf(site, "alpha"), lambda: jnp.asarray(spec.pact_init, jnp.float32))
     y = pact(x, alpha, spec.bits)
@@ -128,7 +131,7 @@ def quantize_act(
   else:
     s, z, ready = _observer(ctx, x, spec, observe, site)
     y = fake_quant(x, s, z, qmin, qmax)
-  return jnp.where(enabled & ready, y, x), ActParams(s, z, ready)
+  return jnp.where(enabled & ready, y, x), ActParams(s, z, ready, spec.bits)
 
 
 def serving_act_params(ctx: QuantContext, x, spec: ActQuant | None, site: str, contract_axes):
@@ -145,12 +148,13 @@ def serving_act_params(ctx: QuantContext, x, spec: ActQuant | None, site: str, c
 def record_act(
   ctx: QuantContext, act: ActParams | None, site: str = "input", calibrated: bool = False
 ) -> None:
-  """Records an activation's frozen scale and zero point for ``convert`` (and, with
+  """Records an activation's frozen scale, zero point and bit width for ``convert`` (and, with
   ``calibrated``, whether they are set: a standalone activation quantizer's exporters need it)."""
   if act is None or not act.frozen or not ctx.recording:
     return
   ctx.record(act_leaf(site, "scale"), act.scale)
   ctx.record(act_leaf(site, "zero_point"), act.zero_point)
+  ctx.record(act_leaf(site, "bits"), jnp.int8(act.bits))
   if calibrated:
     ctx.record(act_leaf(site, "calibrated"), act.ready)
 

@@ -47,16 +47,20 @@ QUANTIZER_PARAMS = tuple(weight_scale(w) for w in WEIGHTS) + tuple(
   act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point", "alpha")
 )
 
-# Observer statistics (in STATS).
-OBSERVER_STATS = tuple(act_leaf(s, w) for s in ACT_SITES for w in ("min", "max", "count"))
+# Observer statistics (in STATS). ``<site>_count_from_float`` is the batch count ``from_float``
+# left (0 from ``init``; the op never reads it): an observer whose count still equals it has seen
+# no batch since, which ``convert`` and ``qatjax.training.evaluate`` report.
+OBSERVER_STATS = tuple(
+  act_leaf(s, w) for s in ACT_SITES for w in ("min", "max", "count", "count_from_float")
+)
 
-# Leaves that only serve (de)quantization in a converted model: input scales and zero points,
-# the kernels' zero-point correction sums, and the learned quantizer parameters.
+# Leaves that only serve (de)quantization in a converted model: input scales, zero points and bit
+# widths, the kernels' zero-point correction sums, and the learned quantizer parameters.
 QUANT_METADATA = tuple(
   dict.fromkeys(
     QUANTIZER_PARAMS
     + tuple(f"{w}_sum" for w in WEIGHTS)
-    + tuple(act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point"))
+    + tuple(act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point", "bits"))
     + (ATTENTION_MARKER,)
   )
 )

@@ -104,11 +104,30 @@ class Teacher:
       raise ValueError("Teacher.variables must be the teacher's variables dict (with 'params')")
 
   def logits(self, variables, x):
-    """The teacher's outputs on ``x`` (no gradient)."""
+    """The teacher's outputs on ``x`` (no gradient).
+
+    Example:
+      >>> import flax.linen as nn
+      >>> from qatjax.training import Teacher
+      >>> x = jnp.ones((2, 3))
+      >>> v = nn.Dense(4).init(jax.random.key(0), x)
+      >>> Teacher(nn.Dense(4), v).logits(v, x).shape
+      (2, 4)
+    """
     return jax.lax.stop_gradient(self.model.apply(variables, x, **self.apply_kwargs))
 
   def loss_fn(self, teacher_out, label_loss: Callable | None):
-    """``(student_out, labels) -> per-example distillation loss`` against ``teacher_out``."""
+    """``(student_out, labels) -> per-example distillation loss`` against ``teacher_out``.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> from qatjax.training import Teacher
+      >>> x = jnp.ones((1, 3))
+      >>> t = Teacher(nn.Dense(2), nn.Dense(2).init(jax.random.key(0), x))
+      >>> logits = jnp.array([[1.0, -1.0]])
+      >>> float(t.loss_fn(logits, None)(logits, jnp.array([0]))[0])   # student = teacher: 0
+      0.0
+    """
     return lambda out, labels: distillation_loss(
       out,
       teacher_out,

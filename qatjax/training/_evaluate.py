@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 
+from qatjax.model.observers import warn_stale_observers
 from qatjax.training._data import padded_batches
 
 
@@ -25,6 +26,10 @@ def evaluate(state, data: Sequence, *, batch_size: int, eval_step) -> dict[str, 
   Returns:
     ``{"loss": ..., "accuracy": ..., "count": n}`` as Python floats.
 
+  Warns:
+    UserWarning: naming the layers whose activation observers have seen no batch since
+      :func:`qatjax.from_float` (a training step that never made ``quant_stats`` mutable).
+
   Example:
     >>> import numpy as np, optax
     >>> from qatjax import QDense
@@ -34,6 +39,8 @@ def evaluate(state, data: Sequence, *, batch_size: int, eval_step) -> dict[str, 
     >>> evaluate(s, (x, y), batch_size=2, eval_step=make_eval_step())["count"]
     5.0
   """
+  if hasattr(state, "variables"):  # a Linen TrainState (an nnx.ModelAndOptimizer has none)
+    warn_stale_observers(state.variables, "evaluate")
   sums: dict[str, float] = {}
   total = 0.0
   for batch in padded_batches(data, batch_size):

@@ -13,6 +13,7 @@ import numpy as np
 from qatjax.training._data import check_arrays, iterate_batches
 from qatjax.training._evaluate import evaluate
 from qatjax.training._plots import plot_history, plot_quantization
+from qatjax.training._progress import epoch_progress
 from qatjax.training._resume import check_checkpointing, maybe_save, resume
 
 
@@ -78,7 +79,9 @@ def fit(
     eval_step: from :func:`make_eval_step`; required with ``eval_data``.
     eval_data: ``(x, y)`` numpy arrays evaluated after every epoch (every example counts).
     rng: PRNG key (or int seed) for shuffling; ``None``: no shuffling.
-    progress: show a tqdm progress bar with the running loss / accuracy.
+    progress: show a tqdm progress bar with the running loss / accuracy when stderr is a
+      terminal (or a Jupyter kernel), else print one line per epoch with its mean metrics (a log
+      gets no bar updates). ``False``: silent, and tqdm is not needed.
     plot_dir: if set, write ``loss.png``, ``accuracy.png`` (metric curves) and, for a quantized
       Linen model, ``weight_scales.png`` and ``quant_error.png`` (per-layer histograms) there.
     checkpoint_dir: save checkpoints here and resume from the latest one (needs ``(x, y)``
@@ -123,8 +126,6 @@ def fit(
     >>> int(s2.step), hist
     (8, [])
   """
-  from tqdm.auto import tqdm  # optional dependency
-
   if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
     raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -188,13 +189,7 @@ def fit(
     show_every = max(1, (total or 200) // 20)
     t0 = time.perf_counter()
     collected = []
-    with tqdm(
-      total=total,
-      desc=f"epoch {epoch + 1}",
-      disable=not progress,
-      unit="step",
-      dynamic_ncols=True,
-    ) as bar:
+    with epoch_progress(progress, total, f"epoch {epoch + 1}") as bar:
       for batch in batches:
         if _batch_len(batch) != batch_size:
           continue  # incomplete (last) batch: a new shape would compile the step again

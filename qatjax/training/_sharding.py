@@ -65,7 +65,15 @@ class ShardingRules:
         )
 
   def match(self, path: str) -> tuple[str | None, PartitionSpec | None]:
-    """``(pattern, spec)`` of the first rule matching the whole ``path``, else ``(None, None)``."""
+    """``(pattern, spec)`` of the first rule matching the whole ``path``, else ``(None, None)``.
+
+    Example:
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from qatjax.training import sharding_rules
+      >>> rules = sharding_rules({"Dense_0/kernel": P(None, "model")})
+      >>> rules.match("Dense_0/kernel"), rules.match("block/Dense_0/kernel")  # whole paths only
+      (('Dense_0/kernel', P(None, 'model')), (None, None))
+    """
     for pattern, spec in self.patterns:
       if re.fullmatch(pattern, path):
         return pattern, spec
@@ -93,7 +101,18 @@ class ShardingRules:
     return param_specs(mesh, params, self)
 
   def check_mesh(self, mesh: Mesh) -> None:
-    """Raises ``ValueError`` if a rule names an axis ``mesh`` does not have."""
+    """Raises ``ValueError`` if a rule names an axis ``mesh`` does not have.
+
+    Example:
+      >>> from jax.sharding import AbstractMesh, PartitionSpec as P
+      >>> from qatjax.training import sharding_rules
+      >>> rules = sharding_rules({"kernel": P(None, "model")})
+      >>> rules.check_mesh(AbstractMesh((2, 2), ("data", "model")))       # fine
+      >>> rules.check_mesh(AbstractMesh((4,), ("data",)))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: sharding rule 'kernel' -> P(None, 'model') names mesh axis 'model', but ...
+    """
     for pattern, spec in self.patterns:
       for entry in spec:
         for name in _axis_names(entry):

@@ -73,7 +73,16 @@ class TrainState(struct.PyTreeNode):
 
   @property
   def variables(self) -> dict:
-    """``{"params": ..., "quant_stats": ..., "batch_stats": ...}`` (non-empty collections)."""
+    """``{"params": ..., "quant_stats": ..., "batch_stats": ...}`` (non-empty collections).
+
+    Example:
+      >>> import optax
+      >>> from qatjax import QDense
+      >>> from qatjax.training import create_train_state
+      >>> s = create_train_state(QDense(2), optax.sgd(0.1), jax.random.key(0), jnp.ones((1, 3)))
+      >>> sorted(s.variables)                       # a float layer: no quant_stats
+      ['params']
+    """
     out = {"params": self.params}
     for col in STATE_COLLECTIONS:
       tree = getattr(self, col)

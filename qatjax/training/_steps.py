@@ -25,14 +25,34 @@ MODES = ("qat", "ptq")
 
 
 def cross_entropy(logits, labels):
-  """Per-example softmax cross-entropy with integer labels (the default ``loss_fn``).
+  """Per-example softmax cross-entropy (the default ``loss_fn``).
+
+  ``labels`` are integer class ids shaped ``logits.shape[:-1]``, or targets shaped like
+  ``logits``: one-hot rows or soft distributions (distillation, mixup, label smoothing).
+
+  Raises:
+    ValueError: ``labels`` of any other shape (or float labels shaped like class ids), naming
+      both shapes and the two allowed ones.
 
   Example:
     >>> from qatjax.training import cross_entropy
     >>> [round(float(v), 4) for v in cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))]
     [1.3863, 1.3863]
+    >>> soft = jnp.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    >>> [round(float(v), 4) for v in cross_entropy(jnp.zeros((2, 4)), soft)]
+    [1.3863, 1.3863]
   """
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  labels = jnp.asarray(labels)
+  shape = jnp.shape(logits)
+  if labels.shape == shape[:-1] and jnp.issubdtype(labels.dtype, jnp.integer):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if labels.shape == shape:
+    return optax.softmax_cross_entropy(logits, labels.astype(jnp.result_type(logits)))
+  raise ValueError(
+    f"cross_entropy: labels of shape {labels.shape} and dtype {labels.dtype} do not fit logits "
+    f"of shape {shape}: pass integer class ids of shape {shape[:-1]} or one-hot / soft targets "
+    f"of shape {shape}"
+  )
 
 
 def _per_example(values, n):
@@ -147,6 +167,16 @@ class Step:
     """``state`` placed as this step keeps it (:func:`shard_state`; as is without a mesh).
 
     A state this step returned (same tree, every leaf on the mesh) is passed through as is.
+
+    Example:
+      >>> import optax
+      >>> from qatjax import QDense, QuantConfig
+      >>> from qatjax.training import create_train_state, data_mesh, make_train_step
+      >>> s = create_train_state(QDense(2, config=QuantConfig()), optax.sgd(0.1),
+      ...                        jax.random.key(0), jnp.ones((1, 3)))
+      >>> placed = make_train_step(mesh=data_mesh()).shard_state(s)
+      >>> placed.params["kernel"].sharding.is_fully_replicated     # data parallel: replicated
+      True
     """
     if self.mesh is None:
       return state
@@ -237,7 +267,7 @@ def make_train_step(
 
   Args:
     loss_fn: ``loss_fn(outputs, labels)`` returning per-example losses (or their mean); default
-      :func:`cross_entropy` (integer labels).
+      :func:`cross_entropy` (integer labels, or one-hot / soft targets shaped like the outputs).
     schedule: a :class:`QATSchedule`, or ``None`` to keep the flags the state holds.
     mode: ``"qat"`` (train) or ``"ptq"`` (calibrate only).
     apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``{"train": True}``).
