@@ -12,6 +12,7 @@ from qatjax.core.ranges import check_bits, qrange
 METHODS = ("observer", "lsq")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 WEIGHT_CALIBRATIONS = ("minmax", "mse")
+LSQ_INITS = ("mse", "minmax", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,15 @@ class QuantConfig:
     pact: PACT activations (Choi et al. 2018): the input is clipped to a learned ``[0, alpha]``;
       use only where the input is non-negative (after a ReLU). Implies unsigned activations.
     pact_init: initial alpha.
+    lsq_init: how ``method="lsq"`` sets its initial steps, per scale for the weights and per
+      tensor from the first batch for the activations: ``"mse"`` (default) the step whose
+      fake-quant error is smallest among shrunken min/max ranges (the MSE-optimal
+      initialisation LSQ+ recommends, Bhalgat et al. 2020; see
+      :func:`~qatjax.core.calibration.batch_mse_range`), for weights among the steps that do not
+      shrink them (``no_shrink``); ``"minmax"`` the full min/max range; ``"lsq"`` LSQ's
+      ``2 * mean(|x|) / sqrt(qmax)`` (Esser et al. 2020), several times too coarse at 8 bits,
+      with affine activations taking the batch's min/max range (LSQ+). Affine activations get
+      the zero point of the chosen range.
 
   Example:
     >>> cfg = QuantConfig(weight_bits=4, act_bits=4, method="lsq")
@@ -62,6 +72,7 @@ class QuantConfig:
   act_momentum: float = 0.01
   pact: bool = False
   pact_init: float = 6.0
+  lsq_init: str = "mse"
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -72,6 +83,7 @@ class QuantConfig:
     _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
     _check_choice("weight_calibration", self.weight_calibration, WEIGHT_CALIBRATIONS)
     _check_choice("act_calibration", self.act_calibration, cal.CALIBRATORS)
+    _check_choice("lsq_init", self.lsq_init, LSQ_INITS)
     if (self.weight_granularity == "per_group") != (self.weight_group_size is not None):
       raise ValueError(
         "weight_group_size must be set exactly when weight_granularity='per_group'"
@@ -94,6 +106,11 @@ class QuantConfig:
       raise ValueError(
         "weight_calibration applies to method='observer' only, got "
         f"weight_calibration={self.weight_calibration!r} with method='lsq'"
+      )
+    if self.method != "lsq" and self.lsq_init != "mse":
+      raise ValueError(
+        f"lsq_init applies to method='lsq' only, got lsq_init={self.lsq_init!r} "
+        f"with method={self.method!r}"
       )
     if self.weight_bits is None and self.act_bits is None:
       raise ValueError(
@@ -141,6 +158,7 @@ class QuantConfig:
       self.weight_granularity,
       self.weight_group_size,
       self.weight_calibration,
+      self.lsq_init,
     )
 
   @functools.cached_property
@@ -157,7 +175,14 @@ class QuantConfig:
     method = "pact" if self.pact else self.method
     calibrator = _act_calibrator(self, qmin, qmax) if method == "observer" else None
     return ActQuant(
-      self.act_bits, qmin, qmax, self.act_symmetric, method, calibrator, self.pact_init
+      self.act_bits,
+      qmin,
+      qmax,
+      self.act_symmetric,
+      method,
+      calibrator,
+      self.pact_init,
+      self.lsq_init,
     )
 
 
@@ -192,6 +217,7 @@ class WeightQuant:
     granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``.
     group_size: group length along the contraction (``"per_group"``), else ``None``.
     calibration: ``"minmax"`` or ``"mse"`` (observer weights).
+    lsq_init: ``"mse"``, ``"minmax"`` or ``"lsq"``: the initial learned step (``method="lsq"``).
   """
 
   bits: int
@@ -201,6 +227,7 @@ class WeightQuant:
   granularity: str
   group_size: int | None
   calibration: str
+  lsq_init: str = "mse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +244,8 @@ class ActQuant:
       ``"pact"`` (learned clipping level).
     calibrator: the observer's range tracker (``method="observer"``), else ``None``.
     pact_init: PACT's initial clipping level.
+    lsq_init: ``"mse"``, ``"minmax"`` or ``"lsq"``: the first batch's initial step and offset
+      (``method="lsq"``).
   """
 
   bits: int
@@ -226,3 +255,4 @@ class ActQuant:
   method: str
   calibrator: cal.Calibrator | None = dataclasses.field(compare=False, repr=False)
   pact_init: float
+  lsq_init: str = "mse"
