@@ -107,11 +107,11 @@ def test_mnist_few_hundred_images(example, tmp_path):
       "--test-limit",
       "400",
       "--precisions",
-      "8,2m",
+      "8",
       "--epochs",
       "4",
       "--qat-epochs",
-      "2",
+      "1",
       "--batch-size",
       "64",
       "--no-progress",
@@ -119,9 +119,9 @@ def test_mnist_few_hundred_images(example, tmp_path):
       str(tmp_path),
     ]
   )
-  _check_outputs(res, tmp_path, ["W8A8", "W2A2 (first/last 8-bit)"])
+  _check_outputs(res, tmp_path, ["W8A8"])  # 2-bit rows: test_digits_end_to_end
   assert res["dataset"] == "mnist" and res["train_images"] == 768
-  # 768 images, 4 + 2 epochs: the float reference is noisy; take the better of the two rows.
+  # 768 images, 4 + 1 epochs: the float reference is noisy; take the better of the two rows.
   float_acc, w8 = max(r["float"] for r in res["rows"][:2]), res["rows"][2]
   assert float_acc > 0.8
   assert w8["qat"] >= float_acc - 0.03, res["rows"]

@@ -58,41 +58,49 @@ INIT_CASES = {
     (5, 7),
     0,
     1,
-    QuantConfig(8, 8, method="lsq"),
+    QuantConfig(8, 8, method="lsq", lsq_init="lsq"),
   ),
   "dense_tensor_w4_symmetric_act": (
     lambda c: QDense(6, config=c, kernel_init=_kernel_init),
     (5, 7),
     0,
     1,
-    QuantConfig(4, 4, method="lsq", act_symmetric=True, weight_granularity="per_tensor"),
+    QuantConfig(
+      4, 4, method="lsq", lsq_init="lsq", act_symmetric=True, weight_granularity="per_tensor"
+    ),
   ),
   "dense_group3_w4": (
     lambda c: QDense(6, config=c, kernel_init=_kernel_init),
     (5, 7),
     0,
     1,
-    QuantConfig(4, 8, method="lsq", weight_granularity="per_group", weight_group_size=3),
+    QuantConfig(
+      4, 8, method="lsq", lsq_init="lsq", weight_granularity="per_group", weight_group_size=3
+    ),
   ),
   "conv_channel_w2": (
     lambda c: QConv(4, (3, 2), config=c, kernel_init=_kernel_init),
     (2, 5, 5, 3),
     2,
     3,
-    QuantConfig(2, 8, method="lsq"),
+    QuantConfig(2, 8, method="lsq", lsq_init="lsq"),
   ),
   "conv_group2_w4": (
     lambda c: QConv(4, (3,), config=c, kernel_init=_kernel_init),
     (2, 5, 5),
     1,
     2,
-    QuantConfig(4, 4, method="lsq", weight_granularity="per_group", weight_group_size=2),
+    QuantConfig(
+      4, 4, method="lsq", lsq_init="lsq", weight_granularity="per_group", weight_group_size=2
+    ),
   ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(INIT_CASES))
 def test_lsq_init_values(case):
+  """``lsq_init="lsq"``: the paper's rule (Esser et al. 2020); the other choices are
+  test_lsq_init.py's."""
   make, shape, in_axis, out_axis, cfg = INIT_CASES[case]
   x = _rand(shape, 0, 2.0, 0.7)
   v = jax.jit(make(cfg).init)(jax.random.key(0), x)

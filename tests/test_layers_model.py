@@ -224,7 +224,7 @@ def _np_lsq_kernel_init(w, qmax):
 
 @pytest.mark.parametrize("kind", ["quantize_model", "explicit"])
 def test_from_float_lsq(kind):
-  cfg = QuantConfig(4, 8, method="lsq")
+  cfg = QuantConfig(4, 8, method="lsq", lsq_init="lsq")  # the paper's rule, checked by hand
   qmodel = qatjax.quantize_model(FloatCNN(), cfg) if kind == "quantize_model" else QCNN(cfg)
   fv = _float_checkpoint()
   qv = _from_float(qmodel, fv, X)

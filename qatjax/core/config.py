@@ -16,6 +16,7 @@ ACT_CALIBRATIONS = (*cal.CALIBRATORS, "dynamic")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 DEFAULT_ACT_MOMENTUM = 0.01
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
+LSQ_INITS = ("mse", "minmax", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,15 @@ class QuantConfig:
       rounded to it in training (so the integer model computes the same values) and stored in
       it after ``convert`` (int4 in groups of 32 with float16 scales is GGML's Q4_0 layout,
       4.5 bits per weight).
+    lsq_init: how ``method="lsq"`` sets its initial steps, per scale for the weights and per
+      tensor from the first batch for the activations: ``"mse"`` (default) the step whose
+      fake-quant error is smallest among shrunken min/max ranges (the MSE-optimal
+      initialisation LSQ+ recommends, Bhalgat et al. 2020; see
+      :func:`~qatjax.core.calibration.batch_mse_range`), for weights among the steps that do not
+      shrink them (``no_shrink``); ``"minmax"`` the full min/max range; ``"lsq"`` LSQ's
+      ``2 * mean(|x|) / sqrt(qmax)`` (Esser et al. 2020), several times too coarse at 8 bits,
+      with affine activations taking the batch's min/max range (LSQ+). Affine activations get
+      the zero point of the chosen range.
 
   Example:
     >>> cfg = QuantConfig(weight_bits=4, act_bits=4, method="lsq")
@@ -87,6 +97,7 @@ class QuantConfig:
   act_granularity: str = "per_tensor"
   attention_matmuls: bool | None = None
   weight_scale_dtype: str = "float32"
+  lsq_init: str = "mse"
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -99,6 +110,7 @@ class QuantConfig:
     _check_choice("act_calibration", self.act_calibration, ACT_CALIBRATIONS)
     _check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
     _check_choice("weight_scale_dtype", self.weight_scale_dtype, SCALE_DTYPES)
+    _check_choice("lsq_init", self.lsq_init, LSQ_INITS)
     self._check_dynamic()
     if (self.weight_granularity == "per_group") != (self.weight_group_size is not None):
       raise ValueError(
@@ -123,6 +135,11 @@ class QuantConfig:
       raise ValueError(
         "weight_calibration applies to method='observer' only, got "
         f"weight_calibration={self.weight_calibration!r} with method='lsq'"
+      )
+    if self.method != "lsq" and self.lsq_init != "mse":
+      raise ValueError(
+        f"lsq_init applies to method='lsq' only, got lsq_init={self.lsq_init!r} "
+        f"with method={self.method!r}"
       )
     if self.weight_bits is None and self.act_bits is None:
       raise ValueError(
@@ -216,6 +233,7 @@ class QuantConfig:
       self.weight_group_size,
       self.weight_calibration,
       self.weight_scale_dtype,
+      self.lsq_init,
     )
 
   @functools.cached_property
@@ -242,6 +260,7 @@ class QuantConfig:
       calibrator,
       self.pact_init,
       self.act_granularity,
+      self.lsq_init,
     )
 
 
@@ -290,6 +309,7 @@ class WeightQuant:
     group_size: group length along the contraction (``"per_group"``), else ``None``.
     scale_dtype: the dtype the scales are rounded to and stored in after ``convert``.
     calibration: ``"minmax"`` or ``"mse"`` (observer weights).
+    lsq_init: ``"mse"``, ``"minmax"`` or ``"lsq"``: the initial learned step (``method="lsq"``).
   """
 
   bits: int
@@ -300,6 +320,7 @@ class WeightQuant:
   group_size: int | None
   calibration: str
   scale_dtype: str = "float32"
+  lsq_init: str = "mse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +338,8 @@ class ActQuant:
     calibrator: the observer's range tracker (``method="observer"``), else ``None``.
     pact_init: PACT's initial clipping level.
     granularity: ``"per_tensor"`` or ``"per_token"`` (one scale per row; dynamic only).
+    lsq_init: ``"mse"``, ``"minmax"`` or ``"lsq"``: the first batch's initial step and offset
+      (``method="lsq"``).
   """
 
   bits: int
@@ -327,3 +350,4 @@ class ActQuant:
   calibrator: cal.Calibrator | None = dataclasses.field(compare=False, repr=False)
   pact_init: float
   granularity: str = "per_tensor"
+  lsq_init: str = "mse"

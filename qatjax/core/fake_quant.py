@@ -124,9 +124,37 @@ def _round_ste(p, lo, hi):
 # --- public API ----------------------------------------------------------------------------------
 
 
-def clamp_scale(scale, eps: float = EPS):
-  """``max(scale, eps)``: a zero or negative scale never divides by zero."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _clamp_ste(scale, eps):
   return jnp.maximum(scale, eps)
+
+
+@_clamp_ste.defjvp
+def _clamp_ste_jvp(eps, primals, tangents):
+  (scale,), (ds,) = primals, tangents
+  return _clamp_ste(scale, eps), ds
+
+
+def clamp_scale(scale, eps: float = EPS):
+  """``max(scale, eps)`` forward with a straight-through gradient (``d/ds = 1`` everywhere).
+
+  A zero or negative scale never divides by zero, and a *learned* scale (LSQ's step, PACT's
+  alpha) that an optimizer update pushed to or below ``eps`` still gets the gradient it would get
+  at ``eps``, so it can climb back: with ``jnp.maximum`` its gradient would be exactly 0 there and
+  the quantizer would stay dead for the rest of training. PyTorch gets the same effect by clamping
+  ``scale.data`` in place and keeping the gradient. Scales that carry no gradient (observer
+  ranges, :func:`fake_quant`'s clipped STE, :func:`quantize`) see only the forward.
+
+  Example:
+    >>> clamp_scale(jnp.float32(-0.01)) == EPS
+    Array(True, dtype=bool)
+    >>> jax.grad(lambda s: clamp_scale(s) * 3.0)(jnp.float32(-0.01))
+    Array(3., dtype=float32)
+  """
+  scale = jnp.asarray(scale)
+  if not jnp.issubdtype(scale.dtype, jnp.floating):
+    scale = scale.astype(jnp.float32)
+  return _clamp_ste(scale, eps)
 
 
 def _prepare(x, scale, zero_point, qmin, qmax, axis, group_size, key, eps):
@@ -295,7 +323,8 @@ def lsq_fake_quant(
     group_size: group length for per-group scales.
     grad_scale: gradient factor for scale and zero point; :func:`lsq_grad_scale` gives LSQ's.
     key: PRNG key for stochastic rounding, or ``None``.
-    eps: smallest scale.
+    eps: smallest scale. The clamp is straight-through (:func:`clamp_scale`): a step at or below
+      ``eps`` is used as ``eps`` in the forward and still gets the gradient, so it can recover.
 
   Returns:
     The fake-quantized array.
@@ -360,7 +389,9 @@ def pact(x, alpha, bits: int, *, eps: float = EPS):
 
   Args:
     x: pre-activation array (PACT replaces the ReLU).
-    alpha: learned clipping level, a scalar (or broadcastable) array; clamped to at least ``eps``.
+    alpha: learned clipping level, a scalar (or broadcastable) array; clamped to at least ``eps``
+      in the forward, straight-through in the backward (:func:`clamp_scale`), so an alpha pushed
+      below ``eps`` still gets ``dalpha`` and can recover.
     bits: 2..8.
     eps: smallest alpha.
 

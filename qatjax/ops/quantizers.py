@@ -68,14 +68,20 @@ def _observer(ctx: QuantContext, x, spec: ActQuant, observe, site: str):
 
 
 def _lsq_input_init(x, spec: ActQuant):
-  """LSQ's first-batch init (Esser et al. 2020); affine (LSQ+): the batch's min/max range."""
-  x = jnp.asarray(x, jnp.float32)
-  if spec.symmetric:
+  """The first batch's step and offset, by ``spec.lsq_init``: ``"mse"`` the MSE-optimal range
+  (LSQ+, Bhalgat et al. 2020), ``"minmax"`` the batch's range, ``"lsq"`` LSQ's rule (Esser et al.
+  2020) when symmetric and the batch's range when affine (LSQ+)."""
+  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  if spec.lsq_init == "lsq" and spec.symmetric:
     return (
       clamp_scale(2.0 * jnp.mean(jnp.abs(x)) / math.sqrt(spec.qmax)),
       jnp.zeros((), jnp.float32),
     )
-  return scale_zero_point(jnp.min(x), jnp.max(x), spec.qmin, spec.qmax, symmetric=False)
+  if spec.lsq_init == "mse":
+    lo, hi = cal.batch_mse_range(x, spec.qmin, spec.qmax, symmetric=spec.symmetric)
+  else:
+    lo, hi = cal.batch_minmax(x)
+  return scale_zero_point(lo, hi, spec.qmin, spec.qmax, symmetric=spec.symmetric)
 
 
 def dynamic_act_params(x, spec: ActQuant, contract_axes=None):
@@ -218,40 +224,58 @@ def _expand(s, layout: WeightLayout):
   return jax.lax.slice_in_dim(full, 0, layout.shape[layout.group_axis], axis=layout.group_axis)
 
 
-def _abs_reduce(w, layout: WeightLayout, fn):
-  """``fn`` (nanmax / nanmean) of ``|w|`` per scale, shaped ``layout.bshape``."""
-  a = jnp.abs(jnp.asarray(w, jnp.float32))
+def _grouped(w, layout: WeightLayout):
+  """``(a, axes)``: ``w`` as float32 (per group: NaN-padded to whole groups, the group axis split
+  into ``(groups, group_size)``) and the axes of ``a`` whose elements share one scale."""
+  a = jnp.asarray(w, jnp.float32)
+  if all(d == 1 for d in layout.bshape):
+    return a, tuple(range(a.ndim))
   if layout.group_axis is None:
-    if all(d == 1 for d in layout.bshape):
-      return fn(a).reshape(layout.bshape)
-    return fn(a, axis=layout.contract, keepdims=True)
+    return a, layout.contract
   ax, g = layout.group_axis, layout.group_size
   n = layout.bshape[ax]
   pad = [(0, 0)] * a.ndim
   pad[ax] = (0, n * g - a.shape[ax])
   a = jnp.pad(a, pad, constant_values=jnp.nan)
   a = a.reshape(a.shape[:ax] + (n, g) + a.shape[ax + 1 :])
-  axes = tuple(d + (d > ax) for d in layout.contract if d != ax) + (ax + 1,)
-  return fn(a, axis=axes, keepdims=True).reshape(layout.bshape)
+  return a, tuple(d + (d > ax) for d in layout.contract if d != ax) + (ax + 1,)
+
+
+def _abs_reduce(w, layout: WeightLayout, fn):
+  """``fn`` (nanmax / nanmean) of ``|w|`` per scale, shaped ``layout.bshape``."""
+  a, axes = _grouped(w, layout)
+  return fn(jnp.abs(a), axis=axes, keepdims=True).reshape(layout.bshape)
+
+
+def _minmax_scale(w, spec: WeightQuant, layout: WeightLayout):
+  """Symmetric scale per scale from ``max |w|``, shaped ``bshape``."""
+  m = _abs_reduce(w, layout, jnp.nanmax)
+  return scale_zero_point(-m, m, spec.qmin, spec.qmax, symmetric=True)[0]
+
+
+def _mse_scale(w, spec: WeightQuant, layout: WeightLayout, no_shrink: bool = False):
+  """Symmetric scale per scale minimising the fake-quant MSE of ``w`` among shrunken min/max
+  ranges (:func:`~qatjax.core.calibration.batch_mse_range`, with its ``no_shrink``), shaped
+  ``bshape``."""
+  a, axes = _grouped(w, layout)
+  keep = tuple(d for d in range(a.ndim) if d not in axes)
+  if len(keep) > 1:  # one column per scale, in bshape order
+    a = jnp.transpose(a, axes + keep).reshape(-1, math.prod(a.shape[d] for d in keep))
+    keep = (1,)
+  axis = keep[0] if keep else None
+  lo, hi = cal.batch_mse_range(
+    a, spec.qmin, spec.qmax, symmetric=True, axis=axis, no_shrink=no_shrink
+  )
+  s = scale_zero_point(lo, hi, spec.qmin, spec.qmax, symmetric=True)[0]
+  return s.reshape(layout.bshape)
 
 
 def _observer_scale(w, spec: WeightQuant, layout: WeightLayout):
   """Symmetric scale from the weight's current range (min/max or MSE search), no gradient."""
   w = jax.lax.stop_gradient(w)
-  if spec.calibration == "mse" and layout.group_axis is None:
-    channels = tuple(a for a in range(w.ndim) if a not in layout.contract)
-    if all(d == 1 for d in layout.bshape):
-      flat, axis = w, None
-    elif len(channels) == 1:
-      flat, axis = w, channels[0]
-    else:  # several channel axes: one column per channel
-      flat = jnp.transpose(w, layout.contract + channels).reshape(-1, math.prod(layout.param_shape))
-      axis = 1
-    lo, hi = cal.batch_mse_range(flat, spec.qmin, spec.qmax, symmetric=True, axis=axis)
-    s = scale_zero_point(lo, hi, spec.qmin, spec.qmax, symmetric=True)[0]
-    return s.reshape(layout.bshape)
-  m = _abs_reduce(w, layout, jnp.nanmax)
-  return scale_zero_point(-m, m, spec.qmin, spec.qmax, symmetric=True)[0]
+  if spec.calibration == "mse":
+    return _mse_scale(w, spec, layout)
+  return _minmax_scale(w, spec, layout)
 
 
 def _stored_precision(s, spec: WeightQuant):
@@ -264,8 +288,18 @@ def _stored_precision(s, spec: WeightQuant):
 
 
 def lsq_weight_init(w, spec: WeightQuant, layout: WeightLayout):
-  """LSQ's initial weight step ``2 * mean(|w|) / sqrt(qmax)`` per scale, ``param_shape``d."""
-  s = clamp_scale(2.0 * _abs_reduce(w, layout, jnp.nanmean) / math.sqrt(spec.qmax))
+  """The initial learned weight step per scale, ``param_shape``d, by ``spec.lsq_init``:
+  ``"mse"`` the MSE-optimal step among those that do not shrink the scale's weights (LSQ+,
+  Bhalgat et al. 2020; the plain optimum shrinks every layer's output and, compounded over an
+  MLP, more than doubles its 2-bit output error), ``"minmax"`` from ``max |w|``, ``"lsq"`` LSQ's
+  ``2 * mean(|w|) / sqrt(qmax)`` (Esser et al. 2020)."""
+  w = jax.lax.stop_gradient(w)
+  if spec.lsq_init == "mse":
+    s = _mse_scale(w, spec, layout, no_shrink=True)
+  elif spec.lsq_init == "minmax":
+    s = _minmax_scale(w, spec, layout)
+  else:
+    s = clamp_scale(2.0 * _abs_reduce(w, layout, jnp.nanmean) / math.sqrt(spec.qmax))
   return s.reshape(layout.param_shape)
 
 
