@@ -8,18 +8,18 @@
 * trained on sklearn's digits, the folded W8A8 layer reaches the float conv + BN accuracy.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from test_layers_helpers import JitApply, cheap_init, np_fake_quant, rand
 
 import qatjax
 from qatjax import QConvBN, QDense, QuantConfig
-
-VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
 
 
 class ConvThenBN(nn.Module):
@@ -73,44 +73,58 @@ CONFIGS = {
   "observer_w8a8": QuantConfig(),
   "lsq_w4a4": QuantConfig(4, 4, method="lsq"),
 }
-# Jitted for every config and geometry; un-jitted for one (op-by-op runs compile every op).
+# (name, config, use_bias, strides): every config and geometry.
 DISABLED_CASES = [
-  (c, b, s, "with_jit") for c in sorted(CONFIGS) for b, s in ((False, 1), (True, 2))
+  (f"{config}_{geometry}", config, use_bias, strides)
+  for config in sorted(CONFIGS)
+  for geometry, use_bias, strides in (("no_bias_stride1", False, 1), ("bias_stride2", True, 2))
 ]
-DISABLED_CASES.append(("observer_w8a8", False, 1, "without_jit"))
 
 
-@pytest.mark.parametrize("config,use_bias,strides,variant_name", DISABLED_CASES)
-def test_disabled_equals_conv_then_bn(config, use_bias, strides, variant_name):
-  x = rand((3, 7, 7, 4), 1)
-  ref_vars, qv = _variables(use_bias)
-  ref, layer = ConvThenBN(use_bias, strides), _q_layer(CONFIGS[config], use_bias, strides)
+class DisabledEqualsConvThenBNTest(chex.TestCase):
+  """Quantization disabled, QConvBN is nn.Conv then nn.BatchNorm: jitted for every config and
+  geometry, un-jitted for one (op-by-op runs compile every op)."""
 
-  def run(ref_vars, qv, x):
-    init = layer.init(jax.random.key(0), x, use_running_average=True)
-    assert set(init) == {"params", "batch_stats", "quant_stats"}, sorted(init)
-    v = {**init, "params": {**init["params"], **qv["params"]}, "batch_stats": qv["batch_stats"]}
-    v = qatjax.set_quant_flags(v, enabled=False)
-    r_eval = ref.apply(ref_vars, x, use_running_average=True)
-    r_train, r_upd = ref.apply(ref_vars, x, use_running_average=False, mutable=["batch_stats"])
-    q_eval = layer.apply(v, x, use_running_average=True)
-    q_train, q_upd = layer.apply(
-      v, x, use_running_average=False, mutable=["batch_stats", "quant_stats"]
-    )
-    return r_eval, r_train, r_upd, q_eval, q_train, q_upd
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(DISABLED_CASES)
+  def test_disabled_equals_conv_then_bn(self, config, use_bias, strides):
+    self._check_disabled_equals_conv_then_bn(config, use_bias, strides)
 
-  r_eval, r_train, r_upd, q_eval, q_train, q_upd = VARIANTS[variant_name](run)(ref_vars, qv, x)
-  np.testing.assert_allclose(q_eval, r_eval, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(q_train, r_train, rtol=1e-5, atol=1e-5)
-  for stat in ("mean", "var"):
+  @chex.variants(without_jit=True)
+  @parameterized.named_parameters(("observer_w8a8_no_bias_stride1", "observer_w8a8", False, 1))
+  def test_disabled_equals_conv_then_bn_eager(self, config, use_bias, strides):
+    self._check_disabled_equals_conv_then_bn(config, use_bias, strides)
+
+  def _check_disabled_equals_conv_then_bn(self, config, use_bias, strides):
+    x = rand((3, 7, 7, 4), 1)
+    ref_vars, qv = _variables(use_bias)
+    ref, layer = ConvThenBN(use_bias, strides), _q_layer(CONFIGS[config], use_bias, strides)
+
+    def run(ref_vars, qv, x):
+      init = layer.init(jax.random.key(0), x, use_running_average=True)
+      assert set(init) == {"params", "batch_stats", "quant_stats"}, sorted(init)
+      v = {**init, "params": {**init["params"], **qv["params"]}, "batch_stats": qv["batch_stats"]}
+      v = qatjax.set_quant_flags(v, enabled=False)
+      r_eval = ref.apply(ref_vars, x, use_running_average=True)
+      r_train, r_upd = ref.apply(ref_vars, x, use_running_average=False, mutable=["batch_stats"])
+      q_eval = layer.apply(v, x, use_running_average=True)
+      q_train, q_upd = layer.apply(
+        v, x, use_running_average=False, mutable=["batch_stats", "quant_stats"]
+      )
+      return r_eval, r_train, r_upd, q_eval, q_train, q_upd
+
+    r_eval, r_train, r_upd, q_eval, q_train, q_upd = self.variant(run)(ref_vars, qv, x)
+    np.testing.assert_allclose(q_eval, r_eval, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(q_train, r_train, rtol=1e-5, atol=1e-5)
+    for stat in ("mean", "var"):
+      np.testing.assert_allclose(
+        q_upd["batch_stats"][stat], r_upd["batch_stats"]["bn"][stat], rtol=1e-5, atol=1e-6
+      )
+      assert not np.allclose(q_upd["batch_stats"][stat], qv["batch_stats"][stat])
+    # Training normalises with the batch: per-channel mean ~beta.
     np.testing.assert_allclose(
-      q_upd["batch_stats"][stat], r_upd["batch_stats"]["bn"][stat], rtol=1e-5, atol=1e-6
+      np.asarray(q_train).mean(axis=(0, 1, 2)), qv["params"]["bn_bias"], atol=1e-4
     )
-    assert not np.allclose(q_upd["batch_stats"][stat], qv["batch_stats"][stat])
-  # Training normalises with the batch: per-channel mean ~beta.
-  np.testing.assert_allclose(
-    np.asarray(q_train).mean(axis=(0, 1, 2)), qv["params"]["bn_bias"], atol=1e-4
-  )
 
 
 def test_running_stats_update_rules():

@@ -8,22 +8,17 @@ wrong rank, a non-integer QEmbed input, a config of the wrong type.
 import functools
 from collections.abc import Callable
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from test_layers_helpers import cheap_init
 
 import qatjax
 from qatjax import QConv, QDense, QDenseGeneral, QEmbed, QuantConfig
-
-VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
-
-
-@pytest.fixture(params=sorted(VARIANTS))
-def variant(request):
-  return VARIANTS[request.param]
 
 
 @pytest.mark.parametrize(
@@ -102,58 +97,79 @@ def _zero_variables(net, x):
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
-@pytest.mark.parametrize("config", [None, CFG], ids=["float", "quantized"])
-@pytest.mark.parametrize(
-  "layer,good,bad,match",
-  [
-    (
-      functools.partial(QDense, 4, kernel_init=cheap_init),
-      (2, 3),
-      (2, 5),
-      r"layer block/head: input feature size \(5,\) does not match its kernel.*\(3,\)",
-    ),
-    (
-      functools.partial(QDenseGeneral, (2, 3), axis=(-2, -1), kernel_init=cheap_init),
-      (2, 3, 4),
-      (2, 3, 5),
-      r"layer block/head: input shape \(3, 5\) does not match.*\(3, 4\)",
-    ),
-    (
-      functools.partial(QConv, 8, (3, 3), kernel_init=cheap_init),
-      (1, 6, 6, 3),
-      (1, 6, 6, 5),
-      r"layer block/head: input of shape \(1, 6, 6, 5\) needs a kernel of shape \(3, 3, 5, 8\)"
-      r".*\(3, 3, 3, 8\)",
-    ),
-    (
-      functools.partial(QConv, 6, (3,), feature_group_count=3, kernel_init=cheap_init),
-      (1, 6, 6),
-      (1, 6, 9),
-      r"layer block/head: input of shape \(1, 6, 9\) needs a kernel of shape \(3, 3, 6\)"
-      r".*\(3, 2, 6\)",
-    ),
-  ],
-  ids=["dense", "dense_general", "conv2d", "conv1d_grouped"],
-)
-def test_wrong_feature_size_names_layer_and_shapes(layer, good, bad, match, config, variant):
-  net = Net(functools.partial(layer, config=config))
-  v = _zero_variables(net, jnp.ones(good))
-  with pytest.raises(ValueError, match=match):
-    variant(net.apply)(v, jnp.ones(bad))
+# (name, layer, good input shape, bad input shape, error pattern)
+FEATURE_SIZE_CASES = [
+  (
+    "dense",
+    functools.partial(QDense, 4, kernel_init=cheap_init),
+    (2, 3),
+    (2, 5),
+    r"layer block/head: input feature size \(5,\) does not match its kernel.*\(3,\)",
+  ),
+  (
+    "dense_general",
+    functools.partial(QDenseGeneral, (2, 3), axis=(-2, -1), kernel_init=cheap_init),
+    (2, 3, 4),
+    (2, 3, 5),
+    r"layer block/head: input shape \(3, 5\) does not match.*\(3, 4\)",
+  ),
+  (
+    "conv2d",
+    functools.partial(QConv, 8, (3, 3), kernel_init=cheap_init),
+    (1, 6, 6, 3),
+    (1, 6, 6, 5),
+    r"layer block/head: input of shape \(1, 6, 6, 5\) needs a kernel of shape \(3, 3, 5, 8\)"
+    r".*\(3, 3, 3, 8\)",
+  ),
+  (
+    "conv1d_grouped",
+    functools.partial(QConv, 6, (3,), feature_group_count=3, kernel_init=cheap_init),
+    (1, 6, 6),
+    (1, 6, 9),
+    r"layer block/head: input of shape \(1, 6, 9\) needs a kernel of shape \(3, 3, 6\)"
+    r".*\(3, 2, 6\)",
+  ),
+]
 
 
-@pytest.mark.parametrize("config", [None, CFG], ids=["float", "quantized"])
-def test_conv_wrong_rank_names_layer_and_shape(config, variant):
-  net = Net(functools.partial(QConv, 8, (3, 3), config=config, kernel_init=cheap_init))
-  with pytest.raises(
-    ValueError,
-    match=r"layer block/head: a 2-D convolution needs inputs of "
-    r"rank >= 3.*got shape \(6, 3\)",
-  ):
-    variant(net.init)(jax.random.key(0), jnp.ones((6, 3)))
-  v = _zero_variables(net, jnp.ones((1, 6, 6, 3)))
-  with pytest.raises(ValueError, match=r"block/head.*rank >= 3.*\(6, 3\)"):
-    variant(net.apply)(v, jnp.ones((6, 3)))
+class CallTimeErrorsTest(chex.TestCase):
+  """Errors raised when a layer is called, jitted (while tracing) and un-jitted."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    (f"{name}_{config_name}", layer, good, bad, match, config)
+    for name, layer, good, bad, match in FEATURE_SIZE_CASES
+    for config_name, config in (("float", None), ("quantized", CFG))
+  )
+  def test_wrong_feature_size_names_layer_and_shapes(self, layer, good, bad, match, config):
+    net = Net(functools.partial(layer, config=config))
+    v = _zero_variables(net, jnp.ones(good))
+    with pytest.raises(ValueError, match=match):
+      self.variant(net.apply)(v, jnp.ones(bad))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("float", None), ("quantized", CFG))
+  def test_conv_wrong_rank_names_layer_and_shape(self, config):
+    net = Net(functools.partial(QConv, 8, (3, 3), config=config, kernel_init=cheap_init))
+    with pytest.raises(
+      ValueError,
+      match=r"layer block/head: a 2-D convolution needs inputs of "
+      r"rank >= 3.*got shape \(6, 3\)",
+    ):
+      self.variant(net.init)(jax.random.key(0), jnp.ones((6, 3)))
+    v = _zero_variables(net, jnp.ones((1, 6, 6, 3)))
+    with pytest.raises(ValueError, match=r"block/head.*rank >= 3.*\(6, 3\)"):
+      self.variant(net.apply)(v, jnp.ones((6, 3)))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("float", None), ("quantized", QuantConfig(4, None)))
+  def test_embed_rejects_non_integer_input(self, config):
+    net = Net(functools.partial(QEmbed, 10, 4, config=config, embedding_init=cheap_init))
+    v = _zero_variables(net, jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"layer block/head: inputs must be integers, got float32"):
+      self.variant(net.apply)(v, jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"block/head.*integers.*bool"):
+      self.variant(net.apply)(v, jnp.array([True, False]))
 
 
 def test_conv_bad_geometry():
@@ -173,16 +189,6 @@ def test_conv_bad_geometry():
     Net(functools.partial(QConv, 4, (1, 1, 1, 1), config=CFG)).init(
       jax.random.key(0), jnp.ones((1, 2, 2, 2, 2, 2))
     )
-
-
-@pytest.mark.parametrize("config", [None, QuantConfig(4, None)], ids=["float", "quantized"])
-def test_embed_rejects_non_integer_input(config, variant):
-  net = Net(functools.partial(QEmbed, 10, 4, config=config, embedding_init=cheap_init))
-  v = _zero_variables(net, jnp.array([1, 2]))
-  with pytest.raises(ValueError, match=r"layer block/head: inputs must be integers, got float32"):
-    variant(net.apply)(v, jnp.array([1.0, 2.0]))
-  with pytest.raises(ValueError, match=r"block/head.*integers.*bool"):
-    variant(net.apply)(v, jnp.array([True, False]))
 
 
 def test_wrong_config_type_names_layer():

@@ -10,22 +10,17 @@
   gradients at the hand-quantized values, masked where the input clips).
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from test_layers_helpers import np_fake_quant
 
 import qatjax
 from qatjax import QAct, QConv, QDense, QDenseGeneral, QuantConfig
-
-VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
-
-
-@pytest.fixture(params=sorted(VARIANTS))
-def variant(request):
-  return VARIANTS[request.param]
 
 
 def _rand(shape, seed, scale=1.0, shift=0.0):
@@ -53,123 +48,129 @@ def _stats(v):
   return float(s["input_min"]), float(s["input_max"]), int(s["input_count"])
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_stats_move_only_when_mutable_and_not_initializing(layer, variant):
-  make, shape = LAYERS[layer]
-  q = make(QuantConfig(act_momentum=0.25))
-  x1, x2 = _rand(shape, 1), _rand(shape, 2, 3.0, 1.0)
+class ObserverStatsTest(chex.TestCase):
+  """When observer statistics move and what eval uses, jitted and un-jitted."""
 
-  def run(v, x1, x2):
-    # Initializing never calibrates, even though init makes every collection mutable.
-    v0 = q.init(jax.random.key(0), x1)
-    _, s1 = q.apply(v, x1, mutable=["quant_stats"])
-    y2, s2 = q.apply({**v, **s1}, x2, mutable=["quant_stats"])
-    _, s_all = q.apply(v, x1, mutable=True)
-    _, s_params_only = q.apply(v, x1, mutable=["params"])
-    return v0, {**v, **s1}, {**v, **s2}, {**v, **s_all}, s_params_only, y2
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((name, name) for name in sorted(LAYERS))
+  def test_stats_move_only_when_mutable_and_not_initializing(self, layer):
+    make, shape = LAYERS[layer]
+    q = make(QuantConfig(act_momentum=0.25))
+    x1, x2 = _rand(shape, 1), _rand(shape, 2, 3.0, 1.0)
 
-  v = q.init(jax.random.key(0), x1)
-  v0, v1, v2, v_all, s_params_only, y2 = variant(run)(v, x1, x2)
-  assert _stats(v0) == (0.0, 0.0, 0)
-  lo1, hi1 = float(x1.min()), float(x1.max())
-  np.testing.assert_allclose(_stats(v1)[:2], (lo1, hi1), rtol=1e-6)  # the first batch sets it
-  assert _stats(v1)[2] == 1
-  # then an EMA with momentum 0.25
-  want = (lo1 + 0.25 * (float(x2.min()) - lo1), hi1 + 0.25 * (float(x2.max()) - hi1))
-  np.testing.assert_allclose(_stats(v2)[:2], want, rtol=1e-6)
-  assert _stats(v2)[2] == 2
-  assert _stats(v_all) == _stats(v1)
-  assert "quant_stats" not in s_params_only
-  # Immutable: apply returns only the output, computed with the stored range: that of a frozen
-  # observer (whose statistics stay v1's), not the range x2 moves the statistics to (y2).
-  y_imm = variant(q.apply)(v1, x2)
-  frozen = qatjax.set_quant_flags(v1, observe=False)
-  y_frozen, s_frozen = variant(lambda v, x: q.apply(v, x, mutable=["quant_stats"]))(frozen, x2)
-  assert _stats(s_frozen) == _stats(v1)
-  np.testing.assert_array_equal(y_imm, y_frozen)
-  assert not np.allclose(y_imm, y2, rtol=1e-3)
+    def run(v, x1, x2):
+      # Initializing never calibrates, even though init makes every collection mutable.
+      v0 = q.init(jax.random.key(0), x1)
+      _, s1 = q.apply(v, x1, mutable=["quant_stats"])
+      y2, s2 = q.apply({**v, **s1}, x2, mutable=["quant_stats"])
+      _, s_all = q.apply(v, x1, mutable=True)
+      _, s_params_only = q.apply(v, x1, mutable=["params"])
+      return v0, {**v, **s1}, {**v, **s2}, {**v, **s_all}, s_params_only, y2
 
+    v = q.init(jax.random.key(0), x1)
+    v0, v1, v2, v_all, s_params_only, y2 = self.variant(run)(v, x1, x2)
+    assert _stats(v0) == (0.0, 0.0, 0)
+    lo1, hi1 = float(x1.min()), float(x1.max())
+    np.testing.assert_allclose(_stats(v1)[:2], (lo1, hi1), rtol=1e-6)  # the first batch sets it
+    assert _stats(v1)[2] == 1
+    # then an EMA with momentum 0.25
+    want = (lo1 + 0.25 * (float(x2.min()) - lo1), hi1 + 0.25 * (float(x2.max()) - hi1))
+    np.testing.assert_allclose(_stats(v2)[:2], want, rtol=1e-6)
+    assert _stats(v2)[2] == 2
+    assert _stats(v_all) == _stats(v1)
+    assert "quant_stats" not in s_params_only
+    # Immutable: apply returns only the output, computed with the stored range: that of a frozen
+    # observer (whose statistics stay v1's), not the range x2 moves the statistics to (y2).
+    y_imm = self.variant(q.apply)(v1, x2)
+    frozen = qatjax.set_quant_flags(v1, observe=False)
+    y_frozen, s_frozen = self.variant(lambda v, x: q.apply(v, x, mutable=["quant_stats"]))(
+      frozen, x2
+    )
+    assert _stats(s_frozen) == _stats(v1)
+    np.testing.assert_array_equal(y_imm, y_frozen)
+    assert not np.allclose(y_imm, y2, rtol=1e-3)
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_observe_false_freezes_and_enabled_false_does_not(layer, variant):
-  make, shape = LAYERS[layer]
-  q = make(QuantConfig())
-  x1, x2 = _rand(shape, 1), _rand(shape, 2, 3.0)
-  v = q.init(jax.random.key(0), x1)
-  _, s = q.apply(v, x1, mutable=["quant_stats"])
-  v1 = {**v, **s}
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((name, name) for name in sorted(LAYERS))
+  def test_observe_false_freezes_and_enabled_false_does_not(self, layer):
+    make, shape = LAYERS[layer]
+    q = make(QuantConfig())
+    x1, x2 = _rand(shape, 1), _rand(shape, 2, 3.0)
+    v = q.init(jax.random.key(0), x1)
+    _, s = q.apply(v, x1, mutable=["quant_stats"])
+    v1 = {**v, **s}
 
-  def step(v, x):
-    return q.apply(v, x, mutable=["quant_stats"])[1]
+    def step(v, x):
+      return q.apply(v, x, mutable=["quant_stats"])[1]
 
-  frozen = variant(step)(qatjax.set_quant_flags(v1, observe=False), x2)
-  assert _stats(frozen) == _stats(v1)
-  assert not bool(frozen["quant_stats"]["observe"])
-  # Fake quantization off: the observer still calibrates (the usual first phase of QAT).
-  moved = variant(step)(qatjax.set_quant_flags(v1, enabled=False), x2)
-  assert _stats(moved)[2] == 2 and _stats(moved) != _stats(v1)
-  # Flags flipped per layer path.
-  both = qatjax.set_quant_flags(v1, observe=False, path="^Nothing$")
-  assert bool(both["quant_stats"]["observe"])
+    frozen = self.variant(step)(qatjax.set_quant_flags(v1, observe=False), x2)
+    assert _stats(frozen) == _stats(v1)
+    assert not bool(frozen["quant_stats"]["observe"])
+    # Fake quantization off: the observer still calibrates (the usual first phase of QAT).
+    moved = self.variant(step)(qatjax.set_quant_flags(v1, enabled=False), x2)
+    assert _stats(moved)[2] == 2 and _stats(moved) != _stats(v1)
+    # Flags flipped per layer path.
+    both = qatjax.set_quant_flags(v1, observe=False, path="^Nothing$")
+    assert bool(both["quant_stats"]["observe"])
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((name, name) for name in sorted(LAYERS))
+  def test_eval_uses_stored_stats_never_the_batch(self, layer):
+    make, shape = LAYERS[layer]
+    q = make(QuantConfig(act_calibration="minmax"))
+    x_cal = _rand(shape, 0)
+    v = q.init(jax.random.key(0), x_cal)
+    _, s = q.apply(v, x_cal, mutable=["quant_stats"])
+    v = {**v, **s}
+    # Two batches sharing example 0; the rest of batch b has a 50x wider range.
+    b1 = _rand(shape, 1)
+    b2 = b1.at[1:].multiply(50.0)
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_eval_uses_stored_stats_never_the_batch(layer, variant):
-  make, shape = LAYERS[layer]
-  q = make(QuantConfig(act_calibration="minmax"))
-  x_cal = _rand(shape, 0)
-  v = q.init(jax.random.key(0), x_cal)
-  _, s = q.apply(v, x_cal, mutable=["quant_stats"])
-  v = {**v, **s}
-  # Two batches sharing example 0; the rest of batch b has a 50x wider range.
-  b1 = _rand(shape, 1)
-  b2 = b1.at[1:].multiply(50.0)
+    def run(v, b1, b2):
+      eval1, eval2 = q.apply(v, b1), q.apply(v, b2)
+      train1, _ = q.apply(v, b1, mutable=["quant_stats"])
+      train2, _ = q.apply(v, b2, mutable=["quant_stats"])
+      return eval1, eval2, train1, train2
 
-  def run(v, b1, b2):
-    eval1, eval2 = q.apply(v, b1), q.apply(v, b2)
-    train1, _ = q.apply(v, b1, mutable=["quant_stats"])
-    train2, _ = q.apply(v, b2, mutable=["quant_stats"])
-    return eval1, eval2, train1, train2
+    eval1, eval2, train1, train2 = self.variant(run)(v, b1, b2)
+    np.testing.assert_array_equal(eval1[0], eval2[0])
+    # Training (mutable) updates the range with the batch first, so there it does differ: the
+    # equality above is not vacuous.
+    assert not np.allclose(train1[0], train2[0], rtol=1e-3)
+    # The stored range clips the wide batch.
+    lo, hi = float(v["quant_stats"]["input_min"]), float(v["quant_stats"]["input_max"])
+    w_only = np.asarray(_weight_only(make, v, jnp.clip(b2, lo, hi)))
+    assert np.abs(np.asarray(eval2) - w_only).max() < 0.05 * np.abs(w_only).max()
 
-  eval1, eval2, train1, train2 = variant(run)(v, b1, b2)
-  np.testing.assert_array_equal(eval1[0], eval2[0])
-  # Training (mutable) updates the range with the batch first, so there it does differ: the
-  # equality above is not vacuous.
-  assert not np.allclose(train1[0], train2[0], rtol=1e-3)
-  # The stored range clips the wide batch.
-  lo, hi = float(v["quant_stats"]["input_min"]), float(v["quant_stats"]["input_max"])
-  w_only = np.asarray(_weight_only(make, v, jnp.clip(b2, lo, hi)))
-  assert np.abs(np.asarray(eval2) - w_only).max() < 0.05 * np.abs(w_only).max()
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((name, name) for name in sorted(LAYERS))
+  def test_uncalibrated_passes_input_through(self, layer):
+    make, shape = LAYERS[layer]
+    x = _rand(shape, 3)
+    q = make(QuantConfig(8, 8))
+    v = q.init(jax.random.key(0), x)
+    assert int(v["quant_stats"]["input_count"]) == 0
+    y = self.variant(q.apply)(v, x)
+    # Only the kernel is quantized: exactly the weight-only layer.
+    np.testing.assert_array_equal(y, _weight_only(make, v, x))
+    # Once calibrated the input is quantized too.
+    _, s = q.apply(v, x, mutable=["quant_stats"])
+    assert not np.array_equal(self.variant(q.apply)({**v, **s}, x), y)
 
-
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_uncalibrated_passes_input_through(layer, variant):
-  make, shape = LAYERS[layer]
-  x = _rand(shape, 3)
-  q = make(QuantConfig(8, 8))
-  v = q.init(jax.random.key(0), x)
-  assert int(v["quant_stats"]["input_count"]) == 0
-  y = variant(q.apply)(v, x)
-  # Only the kernel is quantized: exactly the weight-only layer.
-  np.testing.assert_array_equal(y, _weight_only(make, v, x))
-  # Once calibrated the input is quantized too.
-  _, s = q.apply(v, x, mutable=["quant_stats"])
-  assert not np.array_equal(variant(q.apply)({**v, **s}, x), y)
-
-
-def test_qact_uncalibrated_identity_then_on_grid(variant):
-  q = QAct(QuantConfig(weight_bits=None, act_bits=4))
-  x = _rand((16,), 0)
-  v = q.init(jax.random.key(0), x)
-  np.testing.assert_array_equal(variant(q.apply)(v, x), x)
-  y, s = variant(lambda v, x: q.apply(v, x, mutable=["quant_stats"]))(v, x)
-  lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-  scale = (hi - lo) / 15
-  k = np.asarray(y) / scale + np.round(-lo / scale)  # y = (k - zero_point) * scale
-  np.testing.assert_allclose(k, np.round(k), atol=1e-3)
-  assert np.round(k).min() >= 0 and np.round(k).max() <= 15
-  assert len(np.unique(np.asarray(y))) <= 16
-  assert int(s["quant_stats"]["input_count"]) == 1
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_qact_uncalibrated_identity_then_on_grid(self):
+    q = QAct(QuantConfig(weight_bits=None, act_bits=4))
+    x = _rand((16,), 0)
+    v = q.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(self.variant(q.apply)(v, x), x)
+    y, s = self.variant(lambda v, x: q.apply(v, x, mutable=["quant_stats"]))(v, x)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 15
+    k = np.asarray(y) / scale + np.round(-lo / scale)  # y = (k - zero_point) * scale
+    np.testing.assert_allclose(k, np.round(k), atol=1e-3)
+    assert np.round(k).min() >= 0 and np.round(k).max() <= 15
+    assert len(np.unique(np.asarray(y))) <= 16
+    assert int(s["quant_stats"]["input_count"]) == 1
 
 
 def np_affine(lo, hi, qmin, qmax):

@@ -12,17 +12,16 @@ un-jitted variant runs on a representative subset.
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from absl.testing import parameterized
 from test_layers_helpers import QUANTIZER_LEAVES, cheap_init
 
 import qatjax
 from qatjax import QConv, QDense, QDenseGeneral, QEmbed, QuantConfig
-
-VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
 
 CONFIGS = {
   "float": None,
@@ -170,56 +169,61 @@ def _error_bound(f, cfg, params, ckpt_params, x):
   return layer(jnp.full_like(x, e_x), jnp.abs(w) + e_w) + layer(jnp.abs(x), e_w)
 
 
-CASES = [
-  (layer, v)
-  for layer in sorted(LAYERS)
-  for v in (["with_jit", "without_jit"] if layer in EAGER_LAYERS else ["with_jit"])
-]
+class MatchesFlaxTest(chex.TestCase):
+  """Every layer jitted; the un-jitted variant on EAGER_LAYERS only."""
 
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters((layer, layer) for layer in sorted(LAYERS))
+  def test_matches_flax_tree_checkpoint_and_disabled_output(self, layer):
+    self._check_tree_checkpoint_and_disabled_output(layer)
 
-@pytest.mark.parametrize("layer,variant_name", CASES)
-def test_matches_flax_tree_checkpoint_and_disabled_output(layer, variant_name):
-  make_flax, make_q, shape = LAYERS[layer]
-  x = _input(layer, shape)
-  f = make_flax()
-  qs = {name: make_q(cfg) for name, cfg in CONFIGS.items()}
-  ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), x))
+  @chex.variants(without_jit=True)
+  @parameterized.named_parameters((layer, layer) for layer in sorted(EAGER_LAYERS))
+  def test_matches_flax_tree_checkpoint_and_disabled_output_eager(self, layer):
+    self._check_tree_checkpoint_and_disabled_output(layer)
 
-  def run(ckpt, x):
-    fvars = f.init(jax.random.key(0), x)
-    qvars = {n: q.init(jax.random.key(0), x) for n, q in qs.items()}
-    out = {"flax": f.apply(ckpt, x)}
-    for name, q in qs.items():
-      if CONFIGS[name] is None:  # config=None: the float checkpoint is the whole variables dict
-        out[name] = q.apply(ckpt, x)
+  def _check_tree_checkpoint_and_disabled_output(self, layer):
+    make_flax, make_q, shape = LAYERS[layer]
+    x = _input(layer, shape)
+    f = make_flax()
+    qs = {name: make_q(cfg) for name, cfg in CONFIGS.items()}
+    ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), x))
+
+    def run(ckpt, x):
+      fvars = f.init(jax.random.key(0), x)
+      qvars = {n: q.init(jax.random.key(0), x) for n, q in qs.items()}
+      out = {"flax": f.apply(ckpt, x)}
+      for name, q in qs.items():
+        if CONFIGS[name] is None:  # config=None: the float checkpoint is the whole variables dict
+          out[name] = q.apply(ckpt, x)
+          continue
+        # The checkpoint's params replace the Q layer's, unchanged; quantizer state from init.
+        v = {**qvars[name], "params": {**qvars[name]["params"], **ckpt["params"]}}
+        off = qatjax.set_quant_flags(v, enabled=False)
+        out[name] = (
+          q.apply(off, x),
+          q.apply(off, x, mutable=["quant_stats"])[0],  # observers update meanwhile
+          q.apply(v, x, mutable=["quant_stats"])[0],  # enabled
+          _error_bound(f, CONFIGS[name], v["params"], ckpt["params"], x),
+        )
+      return fvars, qvars, out
+
+    fvars, qvars, out = self.variant(run)(ckpt, x)
+    _check_tree_and_init(layer, fvars, qvars)
+    y_flax = out["flax"]
+    for name in CONFIGS:
+      if CONFIGS[name] is None:
+        np.testing.assert_array_equal(out[name], y_flax, err_msg=name)
         continue
-      # The checkpoint's params replace the Q layer's, unchanged; quantizer state from init.
-      v = {**qvars[name], "params": {**qvars[name]["params"], **ckpt["params"]}}
-      off = qatjax.set_quant_flags(v, enabled=False)
-      out[name] = (
-        q.apply(off, x),
-        q.apply(off, x, mutable=["quant_stats"])[0],  # observers update meanwhile
-        q.apply(v, x, mutable=["quant_stats"])[0],  # enabled
-        _error_bound(f, CONFIGS[name], v["params"], ckpt["params"], x),
-      )
-    return fvars, qvars, out
-
-  fvars, qvars, out = VARIANTS[variant_name](run)(ckpt, x)
-  _check_tree_and_init(layer, fvars, qvars)
-  y_flax = out["flax"]
-  for name in CONFIGS:
-    if CONFIGS[name] is None:
-      np.testing.assert_array_equal(out[name], y_flax, err_msg=name)
-      continue
-    y_eval, y_train, y_on, bound = out[name]
-    np.testing.assert_array_equal(y_eval, y_flax, err_msg=name)
-    np.testing.assert_array_equal(y_train, y_flax, err_msg=name)
-    # Enabled, the layer does quantize (otherwise the equalities above would prove nothing), and
-    # by no more than its quantization steps allow.
-    assert not np.array_equal(y_on, y_flax), name
-    err = np.abs(np.asarray(y_on, np.float64) - np.asarray(y_flax))
-    slack = 1e-5 * float(np.abs(y_flax).max()) + 1e-6  # float32 summation order
-    assert np.all(err <= np.asarray(bound) + slack), (name, float((err - bound).max()))
+      y_eval, y_train, y_on, bound = out[name]
+      np.testing.assert_array_equal(y_eval, y_flax, err_msg=name)
+      np.testing.assert_array_equal(y_train, y_flax, err_msg=name)
+      # Enabled, the layer does quantize (otherwise the equalities above would prove nothing), and
+      # by no more than its quantization steps allow.
+      assert not np.array_equal(y_on, y_flax), name
+      err = np.abs(np.asarray(y_on, np.float64) - np.asarray(y_flax))
+      slack = 1e-5 * float(np.abs(y_flax).max()) + 1e-6  # float32 summation order
+      assert np.all(err <= np.asarray(bound) + slack), (name, float((err - bound).max()))
 
 
 def test_observer_params_tree_is_exactly_the_float_checkpoint():
@@ -236,20 +240,23 @@ def test_observer_params_tree_is_exactly_the_float_checkpoint():
   np.testing.assert_array_equal(y_q, y_f)
 
 
-@pytest.mark.parametrize("variant_name", sorted(VARIANTS))
-def test_embed_attend_matches_flax(variant_name):
-  make_flax, make_q, shape = LAYERS["embed"]
-  f, q = make_flax(), make_q(CONFIGS["observer_w8a8"])
-  ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), _input("embed", shape)))
-  query = _input("query", (3, 4))
-  # attend quantizes the query too: its observer statistics come from an init through attend
-  qinit = jax.jit(functools.partial(q.init, method="attend"))(jax.random.key(0), query)
-  want = f.apply(ckpt, query, method="attend")
-  attend = VARIANTS[variant_name](lambda v, q_: q.apply(v, q_, method="attend"))
-  on = {**ckpt, "quant_stats": qinit["quant_stats"]}
-  np.testing.assert_array_equal(attend(qatjax.set_quant_flags(on, enabled=False), query), want)
-  assert not np.array_equal(attend(on, query), want)
-  np.testing.assert_array_equal(QEmbed(11, 4).apply(ckpt, query, method="attend"), want)
+class EmbedAttendTest(chex.TestCase):
+  """QEmbed.attend against nn.Embed.attend, jitted and un-jitted."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_embed_attend_matches_flax(self):
+    make_flax, make_q, shape = LAYERS["embed"]
+    f, q = make_flax(), make_q(CONFIGS["observer_w8a8"])
+    ckpt = _checkpoint(jax.eval_shape(f.init, jax.random.key(0), _input("embed", shape)))
+    query = _input("query", (3, 4))
+    # attend quantizes the query too: its observer statistics come from an init through attend
+    qinit = jax.jit(functools.partial(q.init, method="attend"))(jax.random.key(0), query)
+    want = f.apply(ckpt, query, method="attend")
+    attend = self.variant(lambda v, q_: q.apply(v, q_, method="attend"))
+    on = {**ckpt, "quant_stats": qinit["quant_stats"]}
+    np.testing.assert_array_equal(attend(qatjax.set_quant_flags(on, enabled=False), query), want)
+    assert not np.array_equal(attend(on, query), want)
+    np.testing.assert_array_equal(QEmbed(11, 4).apply(ckpt, query, method="attend"), want)
 
 
 def test_dtype_and_precision_fields_are_honoured():

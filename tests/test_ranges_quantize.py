@@ -2,23 +2,17 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatjax import EPS, dequantize, fake_quant, int_dtype, qrange, quantize, scale_zero_point
 from qatjax.calibration import ema_minmax
-
-VARIANTS = {"with_jit": jax.jit, "without_jit": lambda f: f}
-
-
-@pytest.fixture(params=sorted(VARIANTS))
-def variant(request):
-  return VARIANTS[request.param]
-
 
 # --- qrange -------------------------------------------------------------------------------------
 
@@ -108,28 +102,32 @@ def test_range_widened_to_contain_zero():
   assert float(s) == pytest.approx(1e-3)
 
 
-def test_per_channel_vectors_and_zero_exactly_representable(variant):
-  rng = np.random.default_rng(0)
-  lo = -rng.uniform(0, 5, 64).astype(np.float32)
-  hi = rng.uniform(0, 5, 64).astype(np.float32)
-  lo[:4] = [0.0, 0.3, -1e-9, -5.0]
-  hi[:4] = [0.0, 0.9, 1e-9, -1.0]
-  for qmin, qmax in [(0, 255), (-128, 127), (-8, 7), (0, 3), (-127, 127)]:
-    for sym in (True, False):
-      f = variant(functools.partial(scale_zero_point, qmin=qmin, qmax=qmax, symmetric=sym))
-      s, z = f(lo, hi)
-      assert s.shape == (64,) and z.shape == (64,)
-      assert np.all(np.asarray(s) > 0)
-      np.testing.assert_array_equal(z, np.round(z))
-      assert np.all((np.asarray(z) >= qmin) & (np.asarray(z) <= qmax))
-      # zero maps exactly onto the grid, and the (widened) range is covered to within a step
-      y0 = fake_quant(jnp.zeros((3, 64)), s, z, qmin, qmax, axis=1)
-      np.testing.assert_array_equal(y0, 0.0)
-      yl = fake_quant(jnp.asarray(np.minimum(lo, 0))[None], s, z, qmin, qmax, axis=1)
-      yh = fake_quant(jnp.asarray(np.maximum(hi, 0))[None], s, z, qmin, qmax, axis=1)
-      tol = np.asarray(s) * (1.0 if not sym else 0.5) + 1e-5
-      assert np.all(np.abs(yl[0] - np.minimum(lo, 0)) <= tol)
-      assert np.all(np.abs(yh[0] - np.maximum(hi, 0)) <= tol)
+class ScaleZeroPointTest(chex.TestCase):
+  """scale_zero_point on per-channel vectors, jitted and un-jitted."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_per_channel_vectors_and_zero_exactly_representable(self):
+    rng = np.random.default_rng(0)
+    lo = -rng.uniform(0, 5, 64).astype(np.float32)
+    hi = rng.uniform(0, 5, 64).astype(np.float32)
+    lo[:4] = [0.0, 0.3, -1e-9, -5.0]
+    hi[:4] = [0.0, 0.9, 1e-9, -1.0]
+    for qmin, qmax in [(0, 255), (-128, 127), (-8, 7), (0, 3), (-127, 127)]:
+      for sym in (True, False):
+        f = self.variant(functools.partial(scale_zero_point, qmin=qmin, qmax=qmax, symmetric=sym))
+        s, z = f(lo, hi)
+        assert s.shape == (64,) and z.shape == (64,)
+        assert np.all(np.asarray(s) > 0)
+        np.testing.assert_array_equal(z, np.round(z))
+        assert np.all((np.asarray(z) >= qmin) & (np.asarray(z) <= qmax))
+        # zero maps exactly onto the grid, and the (widened) range is covered to within a step
+        y0 = fake_quant(jnp.zeros((3, 64)), s, z, qmin, qmax, axis=1)
+        np.testing.assert_array_equal(y0, 0.0)
+        yl = fake_quant(jnp.asarray(np.minimum(lo, 0))[None], s, z, qmin, qmax, axis=1)
+        yh = fake_quant(jnp.asarray(np.maximum(hi, 0))[None], s, z, qmin, qmax, axis=1)
+        tol = np.asarray(s) * (1.0 if not sym else 0.5) + 1e-5
+        assert np.all(np.abs(yl[0] - np.minimum(lo, 0)) <= tol)
+        assert np.all(np.abs(yh[0] - np.maximum(hi, 0)) <= tol)
 
 
 def test_scale_zero_point_errors():
@@ -163,77 +161,80 @@ def test_int_dtype(qmin, qmax, dtype):
   assert int_dtype(qmin, qmax) == dtype
 
 
-def test_quantize_dtypes_and_values(variant):
-  x = jnp.array([-1.0, 0.3, 2.0, -40.0, 0.125, 0.375, 40.0])
-  q8 = variant(lambda x: quantize(x, 0.25, 0, -128, 127))(x)
-  assert q8.dtype == jnp.int8
-  np.testing.assert_array_equal(q8, [-4, 1, 8, -128, 0, 2, 127])  # .5 ties to even
-  qu = variant(lambda x: quantize(x, 0.25, 128, 0, 255))(x)
-  assert qu.dtype == jnp.uint8
-  np.testing.assert_array_equal(qu, [124, 129, 136, 0, 128, 130, 255])
-  q4 = variant(lambda x: quantize(x, 0.5, 0, 0, 15))(x)
-  assert q4.dtype == jnp.int8  # [0, 15] fits int8, the smallest type
-  np.testing.assert_array_equal(q4, [0, 1, 4, 0, 0, 1, 15])
-  q32 = variant(lambda x: quantize(x, 0.25, 0, -128, 127, dtype=jnp.int32))(x)
-  assert q32.dtype == jnp.int32
-  np.testing.assert_array_equal(q32, q8)
+class QuantizeDequantizeTest(chex.TestCase):
+  """quantize / dequantize, jitted and un-jitted."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quantize_dtypes_and_values(self):
+    x = jnp.array([-1.0, 0.3, 2.0, -40.0, 0.125, 0.375, 40.0])
+    q8 = self.variant(lambda x: quantize(x, 0.25, 0, -128, 127))(x)
+    assert q8.dtype == jnp.int8
+    np.testing.assert_array_equal(q8, [-4, 1, 8, -128, 0, 2, 127])  # .5 ties to even
+    qu = self.variant(lambda x: quantize(x, 0.25, 128, 0, 255))(x)
+    assert qu.dtype == jnp.uint8
+    np.testing.assert_array_equal(qu, [124, 129, 136, 0, 128, 130, 255])
+    q4 = self.variant(lambda x: quantize(x, 0.5, 0, 0, 15))(x)
+    assert q4.dtype == jnp.int8  # [0, 15] fits int8, the smallest type
+    np.testing.assert_array_equal(q4, [0, 1, 4, 0, 0, 1, 15])
+    q32 = self.variant(lambda x: quantize(x, 0.25, 0, -128, 127, dtype=jnp.int32))(x)
+    assert q32.dtype == jnp.int32
+    np.testing.assert_array_equal(q32, q8)
 
-def test_quantize_int_extremes_do_not_wrap(variant):
-  x = jnp.array([1e9, -1e9, jnp.inf, -jnp.inf])
-  np.testing.assert_array_equal(
-    variant(lambda x: quantize(x, 1.0, 0, -128, 127))(x), [127, -128, 127, -128]
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quantize_int_extremes_do_not_wrap(self):
+    x = jnp.array([1e9, -1e9, jnp.inf, -jnp.inf])
+    np.testing.assert_array_equal(
+      self.variant(lambda x: quantize(x, 1.0, 0, -128, 127))(x), [127, -128, 127, -128]
+    )
+    np.testing.assert_array_equal(
+      self.variant(lambda x: quantize(x, 1.0, 0, 0, 255))(x), [255, 0, 255, 0]
+    )
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dequantize_values_and_inverse(self):
+    q = jnp.arange(-128, 128, dtype=jnp.int8)
+    d = self.variant(lambda q: dequantize(q, 0.25, 3.0))(q)
+    assert d.dtype == jnp.float32
+    np.testing.assert_array_equal(d, (np.arange(-128, 128) - 3.0) * 0.25)
+    np.testing.assert_array_equal(self.variant(lambda d: quantize(d, 0.25, 3.0, -128, 127))(d), q)
+    qu = jnp.arange(0, 256, dtype=jnp.int32).astype(jnp.uint8)
+    du = dequantize(qu, 0.1, 128)
+    np.testing.assert_array_equal(quantize(du, 0.1, 128, 0, 255), qu)
+    assert dequantize(q, 0.5, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(dequantize(q, 0.5), np.arange(-128, 128) * 0.5)  # z=None
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ("per_tensor", dict(), ()),
+    ("axis_0", dict(axis=0), (6,)),
+    ("axis_minus1", dict(axis=-1), (10,)),
+    ("group_4", dict(axis=1, group_size=4), (6, 3)),
+    ("group_3_vector", dict(axis=1, group_size=3), (4,)),
   )
-  np.testing.assert_array_equal(variant(lambda x: quantize(x, 1.0, 0, 0, 255))(x), [255, 0, 255, 0])
+  def test_dequantize_of_quantize_is_fake_quant(self, kw, pshape):
+    rng = np.random.default_rng(len(pshape) + sum(pshape))
+    x = rng.normal(0, 2, (6, 10)).astype(np.float32)
+    x[0, 0], x[-1, -1] = 100.0, -100.0  # clipped at every scale
+    s = rng.uniform(0.01, 0.1, pshape).astype(np.float32)
+    z = rng.integers(-20, 20, pshape).astype(np.float32)
 
+    def f(x, s, z):
+      q = quantize(x, s, z, -128, 127, **kw)
+      return q, dequantize(q, s, z, **kw), fake_quant(x, s, z, -128, 127, **kw)
 
-def test_dequantize_values_and_inverse(variant):
-  q = jnp.arange(-128, 128, dtype=jnp.int8)
-  d = variant(lambda q: dequantize(q, 0.25, 3.0))(q)
-  assert d.dtype == jnp.float32
-  np.testing.assert_array_equal(d, (np.arange(-128, 128) - 3.0) * 0.25)
-  np.testing.assert_array_equal(variant(lambda d: quantize(d, 0.25, 3.0, -128, 127))(d), q)
-  qu = jnp.arange(0, 256, dtype=jnp.int32).astype(jnp.uint8)
-  du = dequantize(qu, 0.1, 128)
-  np.testing.assert_array_equal(quantize(du, 0.1, 128, 0, 255), qu)
-  assert dequantize(q, 0.5, dtype=jnp.bfloat16).dtype == jnp.bfloat16
-  np.testing.assert_array_equal(dequantize(q, 0.5), np.arange(-128, 128) * 0.5)  # z=None
+    q, d, y = self.variant(f)(x, s, z)
+    assert q.dtype == jnp.int8
+    np.testing.assert_array_equal(d, y)
+    assert np.abs(np.asarray(q, np.int32)).max() >= 127  # some clipping exercised
 
-
-@pytest.mark.parametrize(
-  "kw,pshape",
-  [
-    (dict(), ()),
-    (dict(axis=0), (6,)),
-    (dict(axis=-1), (10,)),
-    (dict(axis=1, group_size=4), (6, 3)),
-    (dict(axis=1, group_size=3), (4,)),
-  ],
-)
-def test_dequantize_of_quantize_is_fake_quant(variant, kw, pshape):
-  rng = np.random.default_rng(len(pshape) + sum(pshape))
-  x = rng.normal(0, 2, (6, 10)).astype(np.float32)
-  x[0, 0], x[-1, -1] = 100.0, -100.0  # clipped at every scale
-  s = rng.uniform(0.01, 0.1, pshape).astype(np.float32)
-  z = rng.integers(-20, 20, pshape).astype(np.float32)
-
-  def f(x, s, z):
-    q = quantize(x, s, z, -128, 127, **kw)
-    return q, dequantize(q, s, z, **kw), fake_quant(x, s, z, -128, 127, **kw)
-
-  q, d, y = variant(f)(x, s, z)
-  assert q.dtype == jnp.int8
-  np.testing.assert_array_equal(d, y)
-  assert np.abs(np.asarray(q, np.int32)).max() >= 127  # some clipping exercised
-
-
-def test_quantize_stochastic_matches_fake_quant(variant):
-  x = jnp.linspace(-1, 1, 333)
-  k = jax.random.key(9)
-  q = variant(lambda x: quantize(x, 0.03, 2, -16, 15, key=k))(x)
-  y = variant(lambda x: fake_quant(x, 0.03, 2, -16, 15, key=k))(x)
-  np.testing.assert_array_equal(dequantize(q, 0.03, 2), y)
-  assert not np.array_equal(q, quantize(x, 0.03, 2, -16, 15))
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quantize_stochastic_matches_fake_quant(self):
+    x = jnp.linspace(-1, 1, 333)
+    k = jax.random.key(9)
+    q = self.variant(lambda x: quantize(x, 0.03, 2, -16, 15, key=k))(x)
+    y = self.variant(lambda x: fake_quant(x, 0.03, 2, -16, 15, key=k))(x)
+    np.testing.assert_array_equal(dequantize(q, 0.03, 2), y)
+    assert not np.array_equal(q, quantize(x, 0.03, 2, -16, 15))
 
 
 def test_quantize_dequantize_errors():
