@@ -1,5 +1,6 @@
 """Converted variables: integer storage, int4 packing, the integer kernels, sizes, errors."""
 
+import functools
 import itertools
 import math
 
@@ -379,3 +380,47 @@ def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_di
   )
   assert got.dtype == (jnp.float32 if cin // groups <= 4 else jnp.int32)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), np.asarray(ref))
+
+
+BF16_LAYERS = {
+  "dense": (lambda dt: QDense(5, config=QuantConfig(), dtype=dt), (3, 8), None),
+  "dense_general": (
+    lambda dt: qatjax.QDenseGeneral((2, 3), config=QuantConfig(), dtype=dt),
+    (3, 8),
+    None,
+  ),
+  "conv": (lambda dt: qatjax.QConv(4, (3, 3), config=QuantConfig(), dtype=dt), (2, 6, 6, 3), None),
+  "embed": (lambda dt: qatjax.QEmbed(10, 4, config=QuantConfig(), dtype=dt), (2, 3), "ids"),
+  "embed_attend": (
+    lambda dt: qatjax.QEmbed(10, 4, config=QuantConfig(), dtype=dt),
+    (3, 4),
+    "attend",
+  ),
+  "weight_only_dense": (lambda dt: QDense(5, config=QuantConfig(4, None), dtype=dt), (3, 8), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BF16_LAYERS))
+def test_integer_model_returns_the_layer_dtype(name):
+  """A layer with ``dtype=bfloat16`` returns bfloat16 after ``convert`` as in QAT; its values are
+  the float32 integer model's rounded to bfloat16; without ``dtype`` the output stays float32."""
+  make, shape, kind = BF16_LAYERS[name]
+  if kind == "ids":
+    x = jax.random.randint(jax.random.key(0), shape, 0, 10)
+  else:
+    x = jax.random.normal(jax.random.key(0), shape)
+  kw = {"method": "attend"} if kind == "attend" else {}
+  outs = {}
+  for dt in (jnp.bfloat16, None):
+    layer = make(dt)
+    v = layer.init(jax.random.key(1), x, **kw)
+    _, stats = layer.apply(v, x, mutable=["quant_stats"], **kw)
+    v = {**v, **stats}
+    qat = layer.apply(v, x, **kw)
+    qv = convert(layer, v, x, **kw)
+    served = jax.jit(functools.partial(layer.apply, **kw))(qv, x)
+    assert served.dtype == qat.dtype == (jnp.bfloat16 if dt else jnp.float32), (dt, served.dtype)
+    outs[dt] = served
+  want = np.asarray(outs[None].astype(jnp.bfloat16).astype(jnp.float32))
+  got = np.asarray(outs[jnp.bfloat16].astype(jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6)  # bfloat16: 8 significant bits

@@ -27,6 +27,7 @@ from qatjax.ops.quantizers import (
   quantize_weight,
   record_act,
   serving_act_params,
+  serving_dtype,
   weight_layout,
   weight_qarray,
 )
@@ -129,7 +130,8 @@ def conv(
     )
   if isinstance(kernel, QArray):
     with op_scope(describe(weight_q, act_q, integer=act_q is not None) or "weight-only"):
-      return _serve(ctx, inputs, kernel, act_q, g, feature_group_count)
+      out = _serve(ctx, inputs, kernel, act_q, g, feature_group_count)
+    return out.astype(serving_dtype(inputs, dtype))
   if weight_q is None and act_q is None:
     return _float_conv(inputs, kernel, g, feature_group_count, precision, dtype)
   with op_scope(describe(weight_q, act_q)):

@@ -33,6 +33,7 @@ from qatjax.ops.quantizers import (
   quantize_weight,
   record_act,
   serving_act_params,
+  serving_dtype,
   weight_layout,
   weight_qarray,
 )
@@ -83,7 +84,8 @@ def dot_general(
   dims = canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
   if isinstance(rhs, QArray):
     with op_scope(describe(weight_q, act_q, integer=act_q is not None) or "weight-only"):
-      return _serve(ctx, lhs, rhs, dims, act_q, weight, site)
+      out = _serve(ctx, lhs, rhs, dims, act_q, weight, site)
+    return out.astype(serving_dtype(lhs, dtype))
   float_dot = lax.dot_general if float_dot is None else float_dot
   if weight_q is None and act_q is None:
     lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)

@@ -34,7 +34,8 @@ def embed_lookup(ctx: QuantContext, table, ids, weight_q: WeightQuant | None, *,
     raise ValueError(f"layer {ctx.path}: inputs must be integers, got {ids.dtype}")
   if isinstance(table, QArray):
     with op_scope(describe(weight_q, None)):
-      return _serve(table, ids)
+      out = _serve(table, ids)
+    return out.astype(jnp.float32 if dtype is None else dtype)
   if weight_q is None:
     (table,) = promote_dtype(table, dtype=dtype, inexact=False)
     return jnp.take(table, ids, axis=0)

@@ -151,6 +151,17 @@ def serving_act_params(ctx: QuantContext, x, spec: ActQuant | None, site: str, c
   return None if s is None else (s, ctx.converted(act_leaf(site, "zero_point")))
 
 
+def serving_dtype(x, dtype=None):
+  """The dtype an integer kernel returns: the layer's ``dtype`` if set, else ``x``'s dtype
+  promoted with float32 (what the float layer returns with its default float32 parameters).
+
+  Example:
+    >>> serving_dtype(jnp.ones(2, jnp.bfloat16)), serving_dtype(jnp.ones(2), jnp.bfloat16)
+    (dtype('float32'), dtype(bfloat16))
+  """
+  return jnp.dtype(jnp.result_type(x.dtype, jnp.float32) if dtype is None else dtype)
+
+
 def record_act(
   ctx: QuantContext, act: ActParams | None, site: str = "input", calibrated: bool = False
 ) -> None:
