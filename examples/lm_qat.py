@@ -87,7 +87,8 @@ EMBED = QuantConfig(8, None)  # int8 tables, one scale per row
 
 def recipes(group: int) -> dict[str, QuantConfig]:
   dyn = dict(act_calibration="dynamic", act_granularity="per_token")
-  grp = dict(weight_granularity="per_group", weight_group_size=group)
+  # int4 groups with float16 scales: GGML's Q4_0 layout, 4.5 bits per weight
+  grp = dict(weight_granularity="per_group", weight_group_size=group, weight_scale_dtype="float16")
   return {
     "W8A8-dynamic": QuantConfig(8, 8, **dyn),
     f"W4A8-dynamic g{group}": QuantConfig(4, 8, **dyn, **grp),
