@@ -31,6 +31,11 @@ def render() -> str:
     _md_section(
       "MNIST QAT (end to end)", "mnist_qat.md", "python examples/mnist_qat.py --data-dir DIR"
     ),
+    _md_section(
+      "Byte-level LM QAT (transformer)",
+      "lm_qat.md",
+      "python examples/lm_qat.py --out-dir benchmarks/results",
+    ),
     _md_section("Against qwix and AQT", "peers.md", "python benchmarks/bench_peers.py"),
     _md_section(
       "Integer inference vs float32", "inference.md", "python benchmarks/bench_inference.py"
