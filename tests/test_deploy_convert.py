@@ -424,3 +424,34 @@ def test_integer_model_returns_the_layer_dtype(name):
   want = np.asarray(outs[None].astype(jnp.bfloat16).astype(jnp.float32))
   got = np.asarray(outs[jnp.bfloat16].astype(jnp.float32))
   np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-6)  # bfloat16: 8 significant bits
+
+
+@pytest.mark.parametrize(
+  "groups,group_size,inner,zx_per_row",
+  [(3, 32, 96, True), (40, 2, 79, False), (40, 2, 80, True)],
+  ids=["3_groups_unrolled", "40_groups_short_last_dot", "40_groups_dot"],
+)
+def test_int_matmul_grouped_matches_numpy(groups, group_size, inner, zx_per_row):
+  """``sum_g s_g * (qx_g . qw_g - zx * sum qw_g)`` against a numpy loop over groups, with two
+  outer contracted positions, a short last group where ``inner`` is not a multiple of the group
+  size, and both the group-by-group (few groups) and the dot (many groups) rescaling."""
+  from qatjax.core.int_kernels import UNROLLED_GROUPS, int_matmul_grouped
+
+  assert (groups <= UNROLLED_GROUPS) == (groups == 3)  # both branches are exercised
+  rng = np.random.default_rng(groups + inner)
+  m, n, outer = 5, 7, 2
+  k = outer * inner
+  qx = rng.integers(-128, 128, (1, m, k)).astype(np.int8)
+  qw = rng.integers(-8, 8, (1, n, k)).astype(np.int8)
+  scale = rng.uniform(0.01, 0.1, (1, n, groups)).astype(np.float32)
+  zx = rng.integers(-5, 6, (1, m, 1)).astype(np.int32) if zx_per_row else np.int32(3)
+  got = jax.jit(int_matmul_grouped, static_argnums=(4, 5))(qx, zx, qw, scale, group_size, inner)
+  want = np.zeros((m, n), np.float64)
+  x = qx[0].astype(np.int64).reshape(m, outer, inner)
+  w = qw[0].astype(np.int64).reshape(n, outer, inner)
+  z = np.broadcast_to(np.asarray(zx).reshape(-1, 1), (m, 1)).astype(np.int64)
+  for g in range(groups):
+    sl = slice(g * group_size, min((g + 1) * group_size, inner))
+    dot = np.einsum("mok,nok->mn", x[:, :, sl], w[:, :, sl]) - z * w[:, :, sl].sum((1, 2))
+    want += dot * scale[0, :, g].astype(np.float64)
+  np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-3)

@@ -134,7 +134,29 @@ def int_matmul_grouped(qx3, zx3, qw3, scale3, group_size: int, grouped_len: int)
   sums = jnp.sum(w5.astype(jnp.int32), axis=(2, 4))  # (B, N, G)
   zx4 = zx3 if jnp.ndim(zx3) == 0 else zx3[:, None]  # per row: (B, 1, M, 1)
   acc = acc - zx4 * jnp.transpose(sums, (0, 2, 1))[:, :, None, :]
-  return jnp.sum(acc.astype(jnp.float32) * jnp.transpose(scale3, (0, 2, 1))[:, :, None, :], axis=1)
+  return _rescale_groups(acc, scale3)
+
+
+# Up to this many groups the rescaled group products are summed one group at a time.
+UNROLLED_GROUPS = 32
+
+
+def _rescale_groups(acc, scale3):
+  """``sum_g acc[:, g] * scale_g`` in float32: ``acc`` ``(B, G, M, N)`` int32, ``scale3``
+  ``(B, N, G)``. XLA:CPU runs ``jnp.sum(..., axis=1)`` of this product 100x slower than the same
+  sum written group by group (2.7 ms against 24 us at G = 3, M = 64, N = 384), so few groups are
+  added one by one and many go through a batched ``dot_general`` over the group axis."""
+  groups = acc.shape[1]
+  if groups <= UNROLLED_GROUPS:
+    st = jnp.transpose(scale3.astype(jnp.float32), (0, 2, 1))  # (B, G, N)
+    y = acc[:, 0].astype(jnp.float32) * st[:, 0, None, :]
+    for g in range(1, groups):
+      y = y + acc[:, g].astype(jnp.float32) * st[:, g, None, :]
+    return y
+  y = lax.dot_general(
+    acc.astype(jnp.float32), scale3.astype(jnp.float32), (((1,), (2,)), ((0, 3), (0, 1)))
+  )  # (B, N, M)
+  return jnp.transpose(y, (0, 2, 1))
 
 
 # Up to this many input rows, a dense layer computes ``(W @ x.T).T``: with the weights as the left
