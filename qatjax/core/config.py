@@ -61,6 +61,9 @@ class QuantConfig:
       (default) quantizes their two activation x activation matmuls (``q.k`` and ``p.v``, both
       operands with the activation settings) when ``act_bits`` is set; ``False`` keeps them
       float; ``True`` marks an attention-only rule: it must match attention modules only.
+    fold_batch_norm: for a conv that ``quantize_model`` finds feeding a ``nn.BatchNorm``
+      directly: fold the BatchNorm into it, in QAT and in ``convert``, as ``QConvBN`` does
+      (default); ``False`` keeps the BatchNorm float.
     weight_scale_dtype: ``"float32"``, or ``"float16"`` / ``"bfloat16"``: weight scales are
       rounded to it in training (so the integer model computes the same values) and stored in
       it after ``convert`` (int4 in groups of 32 with float16 scales is GGML's Q4_0 layout,
@@ -96,6 +99,7 @@ class QuantConfig:
   pact_init: float = 6.0
   act_granularity: str = "per_tensor"
   attention_matmuls: bool | None = None
+  fold_batch_norm: bool = True
   weight_scale_dtype: str = "float32"
   lsq_init: str = "mse"
 

@@ -12,6 +12,7 @@ from qatjax.core.config import QuantConfig
 from qatjax.core.rules import QuantRules
 from qatjax.core.rules import rules as make_rules
 from qatjax.linen.attention import check_attention_rule, is_quantized_attention
+from qatjax.linen.bn_folding import batch_norm_call, find_conv_bn_pairs, folded_conv_call
 from qatjax.linen.context import module_path
 from qatjax.linen.flax_layers import find_layer
 
@@ -66,9 +67,18 @@ class QuantizedModel(nn.Module):
     """
     matched: dict[str, set[str]] = {}
     rules = self.rules
+    pairs = {
+      conv: norm
+      for conv, norm in find_conv_bn_pairs(self.model, args, kwargs, method).items()
+      if (cfg := rules.match(conv)[1]) is not None and cfg.fold_batch_norm
+    }
+    folded_norms = {norm.path for norm in pairs.values()}
 
     def interceptor(next_fun, a, kw, context):
       m = context.module
+      if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
+        path = self.layer_path(m)
+        return batch_norm_call(m, a, kw, path in folded_norms, next_fun)
       layer = find_layer(m)
       handler = None if layer is None else layer.methods.get(context.method_name)
       if handler is None or is_quantized_attention(m):
@@ -80,6 +90,10 @@ class QuantizedModel(nn.Module):
         matched.setdefault(pattern, set()).add(path)
       if cfg is None:
         return next_fun(*a, **kw)
+      if path in pairs and context.method_name == "__call__":
+        out = folded_conv_call(m, cfg, a, kw, pairs[path], self.variables)
+        if out is not NotImplemented:
+          return out
       out = handler(m, cfg, a, kw)
       return next_fun(*a, **kw) if out is NotImplemented else out
 
@@ -134,7 +148,10 @@ def quantize_model(model: nn.Module, rules: QuantRules | QuantConfig | dict) -> 
   and, when a rule matches an attention module (``nn.MultiHeadDotProductAttention``,
   ``nn.SelfAttention``), its two activation x activation matmuls ``q.k`` and ``p.v``. Subclasses
   of these are handled like them; ``dtype``, ``precision`` and a layer's own ``dot_general`` are
-  respected. Anything else that multiplies (a raw ``x @ w`` in user code) stays float:
+  respected. A ``nn.Conv`` whose output goes straight into a ``nn.BatchNorm`` (every Flax ResNet)
+  is quantized with the BatchNorm folded in, in training and in ``convert``, as ``QConvBN`` does
+  (opt out with ``QuantConfig(fold_batch_norm=False)``; see :mod:`qatjax.linen.bn_folding`).
+  Anything else that multiplies (a raw ``x @ w`` in user code) stays float:
   :func:`qatjax.coverage` lists every matmul with its config or why it is float, and ``init``
   warns about float ops inside layers a rule matched.
 

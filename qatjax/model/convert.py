@@ -9,7 +9,15 @@ from qatjax.core.qarray import QArray
 from qatjax.model.from_float import no_quantized_layer
 from qatjax.model.observers import warn_stale_observers
 from qatjax.model.sharding import place_like_weight
-from qatjax.ops.registry import ACT_SITES, CONVERTED_MARKERS, RECORD, STATS, WEIGHTS, act_leaf
+from qatjax.ops.registry import (
+  ACT_SITES,
+  BN_FOLDED,
+  CONVERTED_MARKERS,
+  RECORD,
+  STATS,
+  WEIGHTS,
+  act_leaf,
+)
 
 
 def _flat(tree):
@@ -101,7 +109,8 @@ def convert(model, variables, *args, **kwargs) -> dict:
     source = None if weight is None else params.get(layer + (weight,))  # attention: no weight
     # Quantizer and BN parameters (folded into kernel and bias) go; the bias stays unless the
     # layer recorded a folded one.
-    for key in [k for k in params if k[:-1] == layer and k[-1] != "bias"]:
+    folded_norm = layer + (BN_FOLDED,) in record  # a BatchNorm folded into its conv: all goes
+    for key in [k for k in params if k[:-1] == layer and (k[-1] != "bias" or folded_norm)]:
       del params[key]
     for key in [k for k in record if k[:-1] == layer]:
       params[key] = place_like_weight(source, weight, record[key])

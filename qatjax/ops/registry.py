@@ -17,6 +17,9 @@ ACT_SITES = ("input", *(site for pair in ATTENTION_SITES for site in pair))
 
 # Recorded by an activation x activation op for ``convert``: the layer serves it in integers.
 ATTENTION_MARKER = "attn_int8"
+# Recorded by a BatchNorm that ``quantize_model`` folded into the convolution before it: after
+# ``convert`` the BatchNorm is an identity (its shift is the conv's bias).
+BN_FOLDED = "batch_norm_folded"
 
 # Collections: observer statistics and switches; what ``convert`` collects from the ops.
 STATS = "quant_stats"
@@ -29,7 +32,7 @@ FLAGS = ("enabled", "observe", "bn_frozen")
 KINDS = ("dense", "dense_general", "einsum", "conv", "conv_bn", "embed", "attention", "act")
 
 # Recorded leaves that make a layer "converted" (its quantizer state is replaced by the record).
-CONVERTED_MARKERS = (*WEIGHTS, ATTENTION_MARKER)
+CONVERTED_MARKERS = (*WEIGHTS, ATTENTION_MARKER, BN_FOLDED)
 
 
 def weight_scale(weight: str) -> str:
@@ -61,7 +64,7 @@ QUANT_METADATA = tuple(
     QUANTIZER_PARAMS
     + tuple(f"{w}_sum" for w in WEIGHTS)
     + tuple(act_leaf(s, w) for s in ACT_SITES for w in ("scale", "zero_point", "bits"))
-    + (ATTENTION_MARKER,)
+    + (ATTENTION_MARKER, BN_FOLDED)
   )
 )
 

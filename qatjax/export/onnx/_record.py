@@ -33,7 +33,7 @@ from qatjax.linen.conv_bn import QConvBN
 from qatjax.linen.dense import QDense, QDenseGeneral
 from qatjax.linen.embed import QEmbed
 from qatjax.linen.flax_layers import LAYERS, find_layer, layer_kind
-from qatjax.ops.registry import RECORD, STATS, WEIGHTS, act_leaf
+from qatjax.ops.registry import BN_FOLDED, RECORD, STATS, WEIGHTS, act_leaf
 
 # The kinds (qatjax.ops.registry.KINDS) of the quantized layers, and of float layers beyond the
 # ones quantize_model runs quantized (their kinds come from flax_layers.LAYERS).
@@ -114,6 +114,15 @@ def layer_kind_of_type(t) -> str | None:
   return LAYERS[t].kind if t in LAYERS else _FLOAT_KINDS.get(t)
 
 
+def _folded_norm(module, method: str) -> bool:
+  """A BatchNorm ``convert`` folded into its conv (an identity in the integer model)."""
+  return (
+    method == "__call__"
+    and isinstance(module, nn.BatchNorm)
+    and module.has_variable("params", BN_FOLDED)
+  )
+
+
 def _config(module, rules):
   """The layer's resolved config (``None``: float layer)."""
   path = module_path(module)
@@ -173,6 +182,8 @@ def record_layers(model, qvars, x, rules, apply_kwargs) -> list[Layer]:
 
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
+    if _folded_norm(m, context.method_name):
+      return args[0]  # folded into the conv before it by quantize_model and convert
     kind = kind_of(m, context.method_name)
     if kind is None:
       return next_fun(*args, **kwargs)
@@ -225,6 +236,8 @@ def trace_glue(model, qvars, x, layers: list[Layer], apply_kwargs) -> jcore.Clos
   it = iter(range(len(layers)))
 
   def interceptor(next_fun, args, kwargs, context):
+    if _folded_norm(context.module, context.method_name):
+      return args[0]
     if kind_of(context.module, context.method_name) is None:
       return next_fun(*args, **kwargs)
     i = next(it)
