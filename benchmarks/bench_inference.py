@@ -4,7 +4,7 @@ Models: the MNIST MLP (784-512-512-10) and a CNN (conv32-pool-conv64-pool-dense1
 batch 256, and a 4096-wide MLP (4096-4096-4096-10) at batch 8. Variants: float32 (the same
 modules with ``config=None``), int8 (w8a8) and int4 weights (w4a8) after ``qatjax.convert``, and
 "before": the integer path as it was before its CPU optimisations (dense kernels re-stored in
-their logical ``(K, N)`` order with ``QArray.with_perm(None)``; ``_int_ops.SWAP_ROWS`` and
+their logical ``(K, N)`` order with ``QArray.with_perm(None)``; ``int_kernels.SWAP_ROWS`` and
 ``FEW_CHANNELS`` set to 0 while tracing), to measure them in the same run. All integer variants
 give bitwise the same outputs (checked).
 
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from _results import write_results
 
-from qatjax import QArray, QConv, QDense, QuantConfig, _int_ops, convert, model_size
+from qatjax import QArray, QConv, QDense, QuantConfig, convert, model_size
+from qatjax.core import int_kernels as _int_ops
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 GOALS = {"mnist_mlp": 1.2, "cnn": 1.2, "wide_mlp": 3.0}  # int8 speed-up over float32
