@@ -42,6 +42,11 @@ def render() -> str:
     ),
     _md_section("QAT train-step overhead", "layers.md", "python benchmarks/bench_layers.py"),
     _md_section("Fake-quant kernels", "fake_quant.md", "python benchmarks/bench_fake_quant.py"),
+    _md_section(
+      "LSQ initialisation (from_float output error)",
+      "lsq_init.md",
+      "python benchmarks/bench_lsq_init.py",
+    ),
   ]
   return "\n".join(parts)
 
