@@ -37,6 +37,7 @@ from qatjax.training._data import iterate_batches
 from qatjax.training._distill import Teacher, distillation_loss
 from qatjax.training._evaluate import evaluate
 from qatjax.training._fit import fit
+from qatjax.training._losses import cross_entropy
 from qatjax.training._optim import make_optimizer, quant_param_labels
 from qatjax.training._parallel import data_mesh, data_model_mesh, replicate, shard_batch
 from qatjax.training._plots import plot_history, plot_quantization, quantization_summary
@@ -44,7 +45,7 @@ from qatjax.training._ptq import calibrate
 from qatjax.training._schedule import QATSchedule
 from qatjax.training._sharding import ShardingRules, shard_state, sharding_rules
 from qatjax.training._state import TrainState, create_train_state
-from qatjax.training._steps import Step, cross_entropy, make_eval_step, make_train_step
+from qatjax.training._steps import Step, make_eval_step, make_train_step
 
 __all__ = [
   "QATSchedule",

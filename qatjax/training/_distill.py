@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qatjax.training._steps import cross_entropy
+from qatjax.training._losses import cross_entropy
 
 
 def distillation_loss(
