@@ -158,3 +158,22 @@ def test_a_conv_not_feeding_a_batch_norm_directly_is_not_folded():
     "Conv_1": "BatchNorm_1",
     "Conv_2": "BatchNorm_2",
   }
+
+
+def test_pairs_are_found_once_per_call_signature(monkeypatch):
+  """An un-jitted apply does not trace the model's init again for inputs of a seen signature."""
+  from qatjax.linen import bn_folding
+
+  calls = []
+  real = bn_folding.find_conv_bn_pairs
+  monkeypatch.setattr(
+    bn_folding, "find_conv_bn_pairs", lambda *a, **k: calls.append(1) or real(*a, **k)
+  )
+  qm = qatjax.quantize_model(ResBlock(), W8)
+  v = _variables(qm)
+  assert len(calls) == 1  # init found them
+  y1 = qm.apply(v, X)
+  y2 = qm.apply(v, X + 1.0)  # same shapes and dtypes: remembered
+  assert len(calls) == 1 and not np.allclose(y1, y2)
+  qm.apply(v, X[:2])  # another shape: found again
+  assert len(calls) == 2

@@ -89,6 +89,20 @@ def find_conv_bn_pairs(
   return pairs
 
 
+def cached_conv_bn_pairs(cache: dict, model, args, kwargs, method: str) -> dict[str, FoldedNorm]:
+  """:func:`find_conv_bn_pairs`, remembered in ``cache`` per method, input shapes / dtypes and
+  Python arguments, so that an un-jitted apply does not trace the model's init on every call."""
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  key = (method, tree, tuple((a.shape, a.dtype) if hasattr(a, "shape") else a for a in leaves))
+  try:
+    hash(key)
+  except TypeError:  # an unhashable Python argument: no caching
+    return find_conv_bn_pairs(model, args, kwargs, method)
+  if key not in cache:
+    cache[key] = find_conv_bn_pairs(model, args, kwargs, method)
+  return cache[key]
+
+
 def _subtree(tree, path: str) -> dict:
   node = tree
   for part in [] if path == "<root>" else path.split("/"):

@@ -12,7 +12,7 @@ from qatjax.core.config import QuantConfig
 from qatjax.core.rules import QuantRules
 from qatjax.core.rules import rules as make_rules
 from qatjax.linen.attention import check_attention_rule, is_quantized_attention
-from qatjax.linen.bn_folding import batch_norm_call, find_conv_bn_pairs, folded_conv_call
+from qatjax.linen.bn_folding import batch_norm_call, cached_conv_bn_pairs, folded_conv_call
 from qatjax.linen.context import module_path
 from qatjax.linen.flax_layers import find_layer
 
@@ -26,6 +26,8 @@ class _FloatModel:
   paths, whatever the model calls its submodules)."""
 
   module: nn.Module
+  # conv -> BatchNorm pairs found per call signature (see bn_folding.cached_conv_bn_pairs)
+  bn_pairs: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 class QuantizedModel(nn.Module):
@@ -69,7 +71,9 @@ class QuantizedModel(nn.Module):
     rules = self.rules
     pairs = {
       conv: norm
-      for conv, norm in find_conv_bn_pairs(self.model, args, kwargs, method).items()
+      for conv, norm in cached_conv_bn_pairs(
+        self.wrapped.bn_pairs, self.model, args, kwargs, method
+      ).items()
       if (cfg := rules.match(conv)[1]) is not None and cfg.fold_batch_norm
     }
     folded_norms = {norm.path for norm in pairs.values()}
