@@ -9,6 +9,8 @@ methods:
     the same outputs, the same updated statistics and the same gradients;
   * from the same state, the converted models hold the same integers and their integer outputs
     agree.
+The fourth case is Flax's own attention module (``nn.MultiHeadDotProductAttention`` /
+``nnx.MultiHeadAttention``): projections and both activation x activation matmuls quantized.
 The NNX models are built abstractly (``nnx.eval_shape``) and get the Linen model's float
 variables with ``load_variables``: both sides start from the same arrays. The NNX side is
 quantized by ``quantize_model``: plain ``nnx`` layers (MLP, transformer block) and float
@@ -130,6 +132,25 @@ class NNXBlock(nnx.Module):
     return self.embed.attend(h)
 
 
+class LinenAttention(nn.Module):
+  """Flax's own attention module: its projections and both activation x activation matmuls."""
+
+  @nn.compact
+  def __call__(self, x):
+    mask = nn.make_causal_mask(x[..., 0])
+    h = nn.MultiHeadDotProductAttention(HEADS, qkv_features=D, name="attn")(x, mask=mask)
+    return nn.Dense(D, name="head")(h)
+
+
+class NNXAttention(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
+    self.head = nnx.Linear(D, D, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.attn(x, mask=nnx.make_causal_mask(x[..., 0])))
+
+
 def _mlp():
   cfg = qatjax.rules({"fc1": OBSERVER, "fc2": LSQ})
   x = [rand((8, 6), s) for s in (1, 2, 3)]
@@ -156,9 +177,24 @@ def _block():
   return cfg, LinenBlock(cfg), float_vars, NNXBlock, x, {}, {}
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "transformer_block": _block}
+def _attention_module():
+  # The attention module's own rule sets its q.k / p.v quantizers (LSQ), the projections theirs.
+  cfg = qatjax.rules({"attn|attn/key": LSQ, ".*": OBSERVER})
+  x = [rand((2, 5, D), s) for s in (1, 2, 3)]
+  float_vars = jax.jit(LinenAttention().init)(jax.random.key(0), x[0])
+  linen = qatjax.quantize_model(LinenAttention(), cfg)
+  return cfg, linen, float_vars, NNXAttention, x, {}, {}
 
 
+MODELS = {
+  "mlp": _mlp,
+  "cnn": _cnn,
+  "transformer_block": _block,
+  "attention_module": _attention_module,
+}
+
+
+@pytest.mark.filterwarnings("ignore:quantize_model. these ops stay float")
 @pytest.mark.parametrize("model", MODELS, ids=list(MODELS))
 def test_linen_and_nnx_agree(model):
   cfg, linen, float_vars, nnx_cls, (x_init, x_train, x_test), train_kw, eval_kw = MODELS[model]()

@@ -98,7 +98,8 @@ def test_catch_all_rule_quantizes_every_matmul_and_the_integer_model_matches(lm)
   assert float(jnp.abs(y_fq - model.apply(fv, IDS)).max()) > 1e-3  # quantization is on
   converted = qatjax.coverage(qm, IDS, variables=qv)
   assert converted.fraction == 1.0
-  assert sum(1 for s in converted.sites if (s.config or "").startswith("int ")) == 9
+  # Every site serves integers: 9 matmuls and the 2 lookups of int4 rows.
+  assert sum(1 for s in converted.sites if (s.config or "").startswith("int ")) == 11
   attn = qv["params"]["Block_0"]["MultiHeadDotProductAttention_0"]
   assert bool(attn["attn_int8"])
   assert attn["query"]["kernel"].shape == (D, HEADS, D // HEADS)  # N-D kernels stay N-D

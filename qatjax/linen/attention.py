@@ -18,7 +18,7 @@ import flax.linen as nn
 
 from qatjax.core.config import ActQuant, QuantConfig
 from qatjax.linen.context import LinenContext, module_path
-from qatjax.ops.attention import act_einsum
+from qatjax.ops.attention import act_einsum, config_float_reason
 from qatjax.ops.registry import ATTENTION_SITES
 
 _MARK = "_qatjax_quantized_attention"
@@ -28,12 +28,9 @@ def float_reason(m, cfg: QuantConfig | None) -> str | None:
   """Why an attention module's two matmuls stay float under ``cfg`` (``None``: quantized)."""
   if cfg is None:
     return "its rule maps to None"
-  if cfg.attention_matmuls is False:
-    return "attention_matmuls=False"
-  if cfg.act_bits is None:
-    return "the config has no act_bits (weight-only): activation x activation stays float"
-  if cfg.pact:
-    return "PACT clips at 0, which signed queries and keys are not"
+  reason = config_float_reason(cfg)
+  if reason is not None:
+    return reason
   if m.attention_fn is not nn.dot_product_attention and not getattr(m.attention_fn, _MARK, False):
     return "a custom attention_fn (only flax's dot_product_attention is quantized)"
   return None

@@ -95,6 +95,11 @@ def coverage(model: nn.Module, *args, variables=None, **kwargs) -> CoverageRepor
     >>> [(s.path, s.config or s.reason.split(" (")[0]) for s in report.sites]
     [('Dense_0', 'W8 A8'), ('<root>', "op in the model's own code")]
   """
+  if not isinstance(model, nn.Module):
+    raise ValueError(
+      f"qatjax.coverage takes a Flax Linen module, got {type(model).__name__} (for an NNX "
+      "model use qatjax.nnx.coverage)"
+    )
   rules = model.rules if isinstance(model, QuantizedModel) else None
   if variables is None:
     with warnings.catch_warnings():

@@ -5,9 +5,10 @@ quantized ops as Linen, so both run the same fake quantization, record the same 
 serve with the same integer kernels.
 
 * Modules: :class:`QLinear`, :class:`QLinearGeneral`, :class:`QEinsum`, :class:`QConv`,
-  :class:`QEmbed` (subclasses of their ``nnx`` counterparts: same arguments, same parameters)
-  and :class:`QConvBN`. Learned quantizer steps are ``nnx.Param``; observer statistics and the
-  ``enabled`` / ``observe`` / ``bn_frozen`` switches are :class:`QuantStat`.
+  :class:`QEmbed`, :class:`QMultiHeadAttention` (subclasses of their ``nnx`` counterparts: same
+  arguments, same parameters) and :class:`QConvBN`. Learned quantizer steps are
+  ``nnx.Param``; observer statistics and the ``enabled`` / ``observe`` / ``bn_frozen``
+  switches are :class:`QuantStat`.
 * Modes: observers update while ``use_running_average`` is False (``model.train()``) and are
   frozen by ``model.eval()``, like ``nnx.BatchNorm``; :func:`calibrating` / :func:`calibrate`
   run them in evaluation mode (post-training quantization).
@@ -41,9 +42,11 @@ Example:
   dtype('int8')
 """
 
+from qatjax.nnx.attention import QMultiHeadAttention
 from qatjax.nnx.context import NNXContext, QuantModule, QuantStat, calibrating
 from qatjax.nnx.conv import QConv, QConvBN
 from qatjax.nnx.convert import convert
+from qatjax.nnx.coverage import coverage
 from qatjax.nnx.embed import QEmbed
 from qatjax.nnx.flags import set_quant_flags
 from qatjax.nnx.linear import QEinsum, QLinear, QLinearGeneral
@@ -59,11 +62,13 @@ __all__ = [
   "QEmbed",
   "QLinear",
   "QLinearGeneral",
+  "QMultiHeadAttention",
   "QuantModule",
   "QuantStat",
   "calibrate",
   "calibrating",
   "convert",
+  "coverage",
   "init_quantizers",
   "load_variables",
   "quantize_model",

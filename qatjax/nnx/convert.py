@@ -6,7 +6,7 @@ from flax import nnx
 
 from qatjax.nnx.context import QuantStat, in_pass
 from qatjax.nnx.passes import assign_paths, eval_mode, run_on_copy
-from qatjax.ops.registry import ACT_SITES, WEIGHTS, act_leaf
+from qatjax.ops.registry import ACT_SITES, ATTENTION_MARKER, WEIGHTS, act_leaf
 
 
 def _check_calibrated(module, record) -> None:
@@ -84,7 +84,8 @@ def convert(model, *example_args, **example_kwargs):
   record = run_on_copy(model, body, example_args, example_kwargs)
   qmodel = nnx.clone(model)
   modules = assign_paths(qmodel)
-  layers = [(modules[p], rec) for p, rec in record.items() if any(w in rec for w in WEIGHTS)]
+  converted = (*WEIGHTS, ATTENTION_MARKER)
+  layers = [(modules[p], rec) for p, rec in record.items() if any(w in rec for w in converted)]
   for module, rec in layers:
     _check_calibrated(module, rec)
   for module, rec in layers:

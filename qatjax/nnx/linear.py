@@ -115,10 +115,6 @@ class QLinearGeneral(nnx.LinearGeneral, QuantModule):
         f"{tuple(kernel.shape[: len(axis)])}"
       )
     wq, aq = self.quant_specs()
-    if wq is not None and wq.granularity == "per_group" and len(axis) != 1:
-      raise ValueError(
-        f"layer {ctx.path}: per_group weights need a single contracting axis, got axis={axis!r}"
-      )
     dims = ((axis, tuple(range(len(axis)))), ((), ()))
     y = dot.dot_general(
       ctx, inputs, kernel, dims, wq, aq, precision=self.precision, dtype=self.dtype

@@ -10,20 +10,10 @@ from qatjax.core.config import QuantConfig
 from qatjax.core.rules import QuantRules
 from qatjax.core.rules import rules as make_rules
 from qatjax.nnx.context import QuantModule
-from qatjax.nnx.conv import QConv
-from qatjax.nnx.embed import QEmbed
-from qatjax.nnx.linear import QEinsum, QLinear, QLinearGeneral
+from qatjax.nnx.coverage import report
+from qatjax.nnx.layers import LAYERS
 from qatjax.nnx.passes import example_pass, module_path
 from qatjax.ops.registry import WEIGHTS
-
-# The Flax NNX layers quantize_model converts: exact type -> quantized class (a subclass of it).
-LAYERS = {
-  nnx.Linear: QLinear,
-  nnx.LinearGeneral: QLinearGeneral,
-  nnx.Einsum: QEinsum,
-  nnx.Conv: QConv,
-  nnx.Embed: QEmbed,
-}
 
 
 def _as_rules(rules) -> QuantRules:
@@ -77,6 +67,11 @@ def _plan(model, rules: QuantRules):
     _, cfg = rules.match(path)
     if cfg is None:
       continue
+    if cfg.attention_matmuls is True and not isinstance(m, nnx.MultiHeadAttention):
+      raise ValueError(
+        f"layer {path} ({type(m).__name__}) matches a rule whose config has "
+        "attention_matmuls=True (an attention-only rule), but it is not an attention module"
+      )
     if isinstance(m, QuantModule):
       if m.config is not None:
         raise ValueError(
@@ -117,13 +112,16 @@ def _apply(plan):
 def quantize_model(model, rules, *example_args, **example_kwargs):
   """Turns an NNX model into its quantized form in place, and initialises its quantizers.
 
-  Every ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed`` whose path a rule
-  maps to a :class:`QuantConfig` becomes the quantized subclass (``QLinear``, ...) of itself:
+  Every ``nnx.Linear`` / ``LinearGeneral`` / ``Einsum`` / ``Conv`` / ``Embed`` /
+  ``MultiHeadAttention`` whose path a rule maps to a :class:`QuantConfig` becomes the quantized
+  subclass (``QLinear``, ..., ``QMultiHeadAttention``: its ``q.k`` and ``p.v``) of itself:
   the same object, holding the same ``Param`` objects (no weight is copied; references to the
   layer stay valid). Quantized modules built with ``config=None`` (float ``QConvBN``, ...) take
   their rule's config. Then one example pass creates the quantizer state (LSQ steps from the
   weights and this batch, observers that have seen it; as Linen's :func:`qatjax.from_float`),
-  in evaluation mode: no weight or BatchNorm statistic changes.
+  in evaluation mode: no weight or BatchNorm statistic changes. A matmul, convolution or lookup
+  that stays float in a module a rule matched (user code such as ``x @ w``) is named in a
+  warning; :func:`qatjax.nnx.coverage` lists every one.
 
   Paths are the attribute names joined by ``/`` (``"blocks/0/attn/query"``); a rule's regex
   must match a whole path (``re.fullmatch``, see :func:`qatjax.rules`). Rules that match no
@@ -167,4 +165,10 @@ def quantize_model(model, rules, *example_args, **example_kwargs):
   example_pass(model, example_args, example_kwargs, prepare=_apply(plan), from_float=True)
   if unmatched:
     warnings.warn(f"quantize_model: rules {unmatched} matched no quantizable layer", stacklevel=2)
+  missed = [
+    s for s in report(model, example_args, example_kwargs, rules).float_sites if s.requested
+  ]
+  if missed:
+    listed = "; ".join(f"{s.path} {s.op} {s.shapes}: {s.reason}" for s in missed)
+    warnings.warn(f"quantize_model: these ops stay float in matched layers: {listed}", stacklevel=2)
   return model

@@ -27,6 +27,17 @@ from qatjax.ops.quantizers import quantize_act, record_act, serving_act_params
 from qatjax.ops.registry import ATTENTION_MARKER
 
 
+def config_float_reason(cfg) -> str | None:
+  """Why a config keeps attention's two matmuls float (``None``: it quantizes them)."""
+  if cfg.attention_matmuls is False:
+    return "attention_matmuls=False"
+  if cfg.act_bits is None:
+    return "the config has no act_bits (weight-only): activation x activation stays float"
+  if cfg.pact:
+    return "PACT clips at 0, which signed queries and keys are not"
+  return None
+
+
 def act_einsum(
   ctx: QuantContext,
   equation: str,

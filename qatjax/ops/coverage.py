@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 
 import jax
 from jax.extend import core as jcore
@@ -87,12 +88,14 @@ def _sub_jaxprs(params):
         yield v
 
 
-def scan_jaxpr(jaxpr, module_paths) -> list[OpSite]:
-  """Every matmul / convolution / table lookup of ``jaxpr``, in program order.
+def scan_jaxpr(jaxpr, module_paths, resolve: Callable[[list[str]], str] | None = None):
+  """Every matmul / convolution / table lookup of ``jaxpr``, in program order (``OpSite`` s).
 
   ``module_paths`` are the paths of the modules that ran while tracing (``"block/Dense_0"``);
   each op is attributed to the deepest of them its name stack leads to (``"<root>"`` if none).
-  Gathers count when they read a 2-D table (embedding lookups), not other indexing.
+  ``resolve`` replaces that rule: it maps the scope names around an op to its module path (for
+  frameworks that name their scopes otherwise). Gathers count when they read a 2-D table
+  (embedding lookups), not other indexing.
   """
   if isinstance(jaxpr, jcore.ClosedJaxpr):
     jaxpr = jaxpr.jaxpr
@@ -107,7 +110,10 @@ def scan_jaxpr(jaxpr, module_paths) -> list[OpSite]:
         shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
         if op != "gather" or len(shapes[0]) == 2:  # a gather from a table, not indexing
           config, names = _split(stack)
-          path = "/".join(_module_path(names, known)) or "<root>"
+          if resolve is not None:
+            path = resolve(names)
+          else:
+            path = "/".join(_module_path(names, known)) or "<root>"
           sites.append(OpSite(path, op, shapes if op != "gather" else shapes[:1], config))
       for sub in _sub_jaxprs(eqn.params):
         walk(sub, stack)

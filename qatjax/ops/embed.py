@@ -33,7 +33,7 @@ def embed_lookup(ctx: QuantContext, table, ids, weight_q: WeightQuant | None, *,
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"layer {ctx.path}: inputs must be integers, got {ids.dtype}")
   if isinstance(table, QArray):
-    with op_scope(describe(weight_q, None)):
+    with op_scope(describe(weight_q, None, integer=True)):
       out = _serve(table, ids)
     return out.astype(jnp.float32 if dtype is None else dtype)
   if weight_q is None:
