@@ -12,7 +12,13 @@ One step is ``value_and_grad`` of the softmax cross-entropy + an ``optax.adam`` 
 calibration of the observers), the variants of one model run interleaved, round-robin, for
 ``--repeats`` rounds of ``--steps`` consecutive steps each, so that drift in machine load hits
 them alike; the table reports the median per step and its ratio to the float32 step of the same
-model. Goal on CPU: observer <= 1.10x, LSQ <= 1.15x.
+model. Goals on CPU (issue 12): MLP observer <= 1.0x, LSQ <= 1.05x; CNN <= 1.0x.
+
+Residual bytes: what the step's ``value_and_grad`` keeps for its backward pass, counted with
+JAX's saved-residuals accounting (the function behind ``jax.ad_checkpoint.
+print_saved_residuals``), in total and without the ones that are the function's arguments (the
+parameters, which exist anyway), for each model above and for an MLP 784-1024x3-10 at batch 512.
+Goal: a QAT step keeps no more than the float step (<= 1.0x).
 
 Usage: python benchmarks/bench_layers.py [--repeats N] [--batch N] [--hlo]
 
@@ -47,7 +53,9 @@ VARIANTS = {
   "W8A8 observer": QuantConfig(8, 8),
   "W8A8 LSQ": QuantConfig(8, 8, method="lsq"),
 }
-GOALS = {"W8A8 observer": 1.10, "W8A8 LSQ": 1.15}
+GOALS = {("MLP", "W8A8 observer"): 1.0, ("MLP", "W8A8 LSQ"): 1.05, ("CNN", "W8A8 observer"): 1.0}
+GOALS[("CNN", "W8A8 LSQ")] = 1.0
+RESIDUAL_GOAL = 1.0
 
 
 class MLP(nn.Module):
@@ -71,16 +79,74 @@ class CNN(nn.Module):
     return QDense(10, config=self.config)(x.reshape(x.shape[0], -1))
 
 
+class WideMLP(nn.Module):
+  """The MLP of issue 12's residual figures: 784-1024x3-10."""
+
+  config: object = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for _ in range(3):
+      x = nn.relu(QDense(1024, config=self.config)(x))
+    return QDense(10, config=self.config)(x)
+
+
 MODELS = {"MLP 784-512-512-10": (MLP, (784,)), "CNN 28x28x1 c32-c64s2-d10": (CNN, (28, 28, 1))}
+RESIDUAL_MODELS = {**MODELS, "MLP 784-1024x3-10 (batch 512)": (WideMLP, (784,))}
 
 
-def make_case(model_cls, in_shape, config, batch, seed=0):
-  """``(jitted step, state)``; ``step(*state, x, y)`` returns the new state and the loss."""
+def setup(model_cls, in_shape, config, batch, seed=0):
+  """``(model, variables, x, y)``: the model, its initial variables and one random batch."""
   model = model_cls(config)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(batch,) + in_shape), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
-  variables = jax.jit(model.init)(jax.random.key(seed), x)
+  return model, jax.jit(model.init)(jax.random.key(seed), x), x, y
+
+
+def residual_bytes(model_cls, in_shape, config, batch, seed=0):
+  """``(all, non-argument)`` bytes the loss's ``value_and_grad`` saves for its backward pass."""
+  from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints
+
+  model, variables, x, y = setup(model_cls, in_shape, config, batch, seed)
+  stats = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(params):
+    logits, _ = model.apply({**stats, "params": params}, x, mutable=sorted(stats))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  res = saved_residuals(loss, variables["params"])
+  size = lambda a: int(np.prod(a.shape)) * a.dtype.itemsize
+  return (
+    sum(size(a) for a, _ in res),
+    sum(size(a) for a, why in res if not why.startswith("from the argument")),
+  )
+
+
+def residual_rows(batch):
+  rows = []
+  for model_name, (cls, in_shape) in RESIDUAL_MODELS.items():
+    b = 512 if "batch 512" in model_name else batch
+    sizes = {v: residual_bytes(cls, in_shape, cfg, b) for v, cfg in VARIANTS.items()}
+    (f_all, f_act) = sizes["float32"]
+    for variant, (all_b, act_b) in sizes.items():
+      rows.append(
+        dict(
+          model=model_name,
+          variant=variant,
+          residual_mb=round(all_b / 1e6, 2),
+          residual_ratio=round(all_b / f_all, 3),
+          activation_residual_mb=round(act_b / 1e6, 2),
+          activation_residual_ratio=round(act_b / f_act, 3),
+        )
+      )
+  return rows
+
+
+def make_case(model_cls, in_shape, config, batch, seed=0):
+  """``(jitted step, state)``; ``step(*state, x, y)`` returns the new state and the loss."""
+  model, variables, x, y = setup(model_cls, in_shape, config, batch, seed)
   params = variables["params"]
   stats = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.adam(1e-3)
@@ -147,7 +213,7 @@ def run(repeats, batch, warmup, with_hlo, steps):
       median_ms=round(med * 1e3, 3),
       min_ms=round(min(c["times"]) * 1e3, 3),
       ratio_to_float=round(med / base_med, 3),
-      goal=GOALS.get(c["variant"]),
+      goal=GOALS.get((c["model"].split()[0], c["variant"])),
     )
     if with_hlo:
       row["hlo"] = hlo_summary(c["step"], c["state"], c["data"])
@@ -165,6 +231,7 @@ def main():
   p.add_argument("--out", default=str(HERE / "results"), help="folder for the result files")
   args = p.parse_args()
 
+  residuals = residual_rows(args.batch)
   rows = run(args.repeats, args.batch, args.warmup, args.hlo, args.steps)
   device = jax.devices()[0]
   meta = dict(
@@ -180,7 +247,7 @@ def main():
     cpu=platform.processor() or platform.machine(),
     cores=os.cpu_count(),
     step="value_and_grad(softmax CE) + optax.adam, quant_stats mutable, jitted",
-    goal="observer <= 1.10x float32, LSQ <= 1.15x float32 (CPU)",
+    goal="MLP observer <= 1.0x, LSQ <= 1.05x float32; CNN <= 1.0x; residuals <= 1.0x (CPU)",
   )
   print(
     f"QAT train step, batch {args.batch}, {meta['backend']} ({meta['device']}, "
@@ -199,21 +266,53 @@ def main():
       f"{r['ratio_to_float']:>8.2f}{flag}{hlo}"
     )
 
+  print()
+  print(
+    f"{'residuals (backward pass)':<34} {'variant':<15} {'MB':>7} {'x float':>8} "
+    f"{'act MB':>7} {'x float':>8}"
+  )
+  for r in residuals:
+    print(
+      f"{r['model']:<34} {r['variant']:<15} {r['residual_mb']:>7.2f} "
+      f"{r['residual_ratio']:>8.2f} {r['activation_residual_mb']:>7.2f} "
+      f"{r['activation_residual_ratio']:>8.2f}"
+    )
+
+  def met(ratio, goal):
+    return "" if goal is None else (" (met)" if ratio <= goal else f" (goal {goal:.2f}x: missed)")
+
   md = [
     f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
     f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
     f"cores), median over {args.repeats} interleaved rounds of {args.steps} consecutive "
-    f"steps (variants of one model interleaved); goal: observer <= 1.10x, "
-    "LSQ <= 1.15x float32.",
+    f"steps (variants of one model interleaved). Goals: MLP observer <= 1.0x, LSQ <= 1.05x "
+    "float32; CNN <= 1.0x. Residuals: bytes the step keeps for its backward pass (JAX's "
+    "saved-residuals accounting), all of them and without the parameters (activations); "
+    "goal <= 1.0x float32.",
     "",
-    "| model | variant | median ms | x float32 |",
-    "|---|---|---|---|",
+    "| model | variant | median ms | x float32 | residual MB (x float32) | activation "
+    "residual MB (x float32) |",
+    "|---|---|---|---|---|---|",
   ]
-  md += [
-    f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | {r['ratio_to_float']:.2f} |"
-    for r in rows
-  ]
-  write_results(args.out, "layers", dict(meta=meta, results=rows), "\n".join(md))
+  by_key = {(r["model"], r["variant"]): r for r in residuals}
+  for r in rows:
+    res = by_key[(r["model"], r["variant"])]
+    md.append(
+      f"| {r['model']} | {r['variant']} | {r['median_ms']:.2f} | "
+      f"{r['ratio_to_float']:.2f}{met(r['ratio_to_float'], r['goal'])} | "
+      f"{res['residual_mb']:.2f} ({res['residual_ratio']:.2f}) | "
+      f"{res['activation_residual_mb']:.2f} ({res['activation_residual_ratio']:.2f}) |"
+    )
+  timed = {(x["model"], x["variant"]) for x in rows}
+  md.extend(
+    f"| {r['model']} | {r['variant']} | - | - | {r['residual_mb']:.2f} "
+    f"({r['residual_ratio']:.2f}) | {r['activation_residual_mb']:.2f} "
+    f"({r['activation_residual_ratio']:.2f}) |"
+    for r in residuals
+    if (r["model"], r["variant"]) not in timed
+  )
+  data = dict(meta=meta, results=rows, residuals=residuals)
+  write_results(args.out, "layers", data, "\n".join(md))
 
 
 if __name__ == "__main__":

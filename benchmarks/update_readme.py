@@ -32,6 +32,11 @@ def render() -> str:
       "MNIST QAT (end to end)", "mnist_qat.md", "python examples/mnist_qat.py --data-dir DIR"
     ),
     _md_section(
+      "MNIST: Linen and NNX side by side",
+      "mnist_api_parity.md",
+      "python benchmarks/compare_mnist_apis.py",
+    ),
+    _md_section(
       "Byte-level LM QAT (transformer)",
       "lm_qat.md",
       "python examples/lm_qat.py --out-dir benchmarks/results",

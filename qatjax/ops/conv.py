@@ -22,14 +22,17 @@ from qatjax.core.int_kernels import int_conv, quantize_input_int8
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
+from qatjax.ops.product import quantized_product
 from qatjax.ops.quantizers import (
-  quantize_act,
-  quantize_weight,
+  act_params,
+  act_state,
   record_act,
   serving_act_params,
   serving_dtype,
   weight_layout,
   weight_qarray,
+  weight_scale_used,
+  weight_state,
 )
 
 
@@ -136,21 +139,26 @@ def conv(
     return _float_conv(inputs, kernel, g, feature_group_count, precision, dtype)
   with op_scope(describe(weight_q, act_q)):
     enabled, observe = flags(ctx)
-    inputs, act = quantize_act(ctx, inputs, act_q, enabled, observe)
+    a_state = None if act_q is None else act_state(ctx, inputs, act_q, observe)
+    layout = w_state = None
     if weight_q is not None:
       nd = len(g.kernel_size)
       layout = weight_layout(weight_q, kernel.shape, range(nd + 1), group_axis=nd)
-      w = kernel
-      kernel, scale = quantize_weight(ctx, kernel, weight_q, enabled, layout)
+      w_state = weight_state(ctx, kernel, weight_q, layout, "kernel")
       if ctx.recording:
-        qa = weight_qarray(w, scale, weight_q, layout)
+        qa = weight_qarray(kernel, weight_scale_used(weight_q, w_state), weight_q, layout)
         ctx.record("kernel", qa)
         if layout.group_axis is None:
           ctx.record(
             "kernel_sum", jnp.sum(qa.unpack().astype(jnp.int32), axis=tuple(range(nd + 1)))
           )
-        record_act(ctx, act)
-    return _float_conv(inputs, kernel, g, feature_group_count, precision, dtype)
+        record_act(ctx, None if act_q is None else act_params(act_q, a_state))
+
+    def op(inputs, kernel):
+      return _float_conv(inputs, kernel, g, feature_group_count, precision, dtype)
+
+    # Recomputed in the backward pass: the layer keeps what the float layer keeps.
+    return quantized_product(op, inputs, kernel, act_q, a_state, weight_q, w_state, layout, enabled)
 
 
 def _float_conv(inputs, kernel, g: ConvGeometry, feature_group_count, precision, dtype):

@@ -3,7 +3,8 @@
 One op serves ``Dense``, ``DenseGeneral`` (kernels of any rank) and ``Embed.attend``. It owns:
 
 * **training**: the activation (``lhs``) and the weight (``rhs``) fake-quantized with their
-  specs, then ``lax.dot_general`` in the layer's dtype;
+  specs, then ``lax.dot_general`` in the layer's dtype (the fake quantization recomputed in the
+  backward pass, :mod:`qatjax.ops.product`);
 * **what convert records**: the weight as a :class:`~qatjax.core.qarray.QArray` stored in the
   order the integer kernel reads (``DotLayout.rhs_perm``), its zero-point correction sums
   (``<weight>_sum``) and the input's frozen scale and zero point;
@@ -28,14 +29,17 @@ from qatjax.core.int_kernels import (
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
+from qatjax.ops.product import quantized_product
 from qatjax.ops.quantizers import (
-  quantize_act,
-  quantize_weight,
+  act_params,
+  act_state,
   record_act,
   serving_act_params,
   serving_dtype,
   weight_layout,
   weight_qarray,
+  weight_scale_used,
+  weight_state,
 )
 
 
@@ -92,16 +96,23 @@ def dot_general(
     return float_dot(lhs, rhs, dims, precision=precision)
   with op_scope(describe(weight_q, act_q)):
     enabled, observe = flags(ctx)
-    lhs, act = quantize_act(ctx, lhs, act_q, enabled, observe, site, dims[0][0])
+    # Quantizer state first (parameters, observer updates), outside the product below.
+    a_state = None if act_q is None else act_state(ctx, lhs, act_q, observe, site, dims[0][0])
+    layout = w_state = None
     if weight_q is not None:
       layout = weight_layout(weight_q, rhs.shape, dims[0][1], group_axis)
-      w = rhs
-      rhs, scale = quantize_weight(ctx, rhs, weight_q, enabled, layout, weight)
+      w_state = weight_state(ctx, rhs, weight_q, layout, weight)
       if ctx.recording:
-        _record(ctx, lhs.shape, w, scale, weight_q, layout, dims, weight)
-        record_act(ctx, act, site)
-    lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
-    return float_dot(lhs, rhs, dims, precision=precision)
+        scale = weight_scale_used(weight_q, w_state)
+        _record(ctx, lhs.shape, rhs, scale, weight_q, layout, dims, weight)
+        record_act(ctx, None if act_q is None else act_params(act_q, a_state), site)
+
+    def op(lhs, rhs):
+      lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
+      return float_dot(lhs, rhs, dims, precision=precision)
+
+    # Recomputed in the backward pass: the layer keeps what the float layer keeps.
+    return quantized_product(op, lhs, rhs, act_q, a_state, weight_q, w_state, layout, enabled)
 
 
 def _record(ctx, lhs_shape, w, scale, weight_q, layout, dims, weight):

@@ -100,6 +100,55 @@ def dynamic_act_params(x, spec: ActQuant, contract_axes=None):
   return scale_zero_point(lo, hi, spec.qmin, spec.qmax, symmetric=spec.symmetric)
 
 
+def act_state(
+  ctx: QuantContext, x, spec: ActQuant, observe, site: str = "input", contract_axes=None
+) -> tuple:
+  """The arrays an activation quantizer applies to ``x`` (:func:`apply_act`), read from (and,
+  for observers, updated in) ``ctx``: dynamic ``(s, z)`` from ``x``; PACT ``(alpha,)``; LSQ
+  ``(s, z or None)`` (parameters); observers ``(s, z, ready)``."""
+  if spec.method == "dynamic":
+    return dynamic_act_params(x, spec, contract_axes)
+  if spec.method == "pact":
+    return (ctx.param(act_leaf(site, "alpha"), lambda: jnp.asarray(spec.pact_init, jnp.float32)),)
+  if spec.method == "lsq":
+    init = lambda: _lsq_input_init(x, spec)
+    s = ctx.param(act_leaf(site, "scale"), lambda: init()[0])
+    z = None if spec.symmetric else ctx.param(act_leaf(site, "zero_point"), lambda: init()[1])
+    return s, z
+  return _observer(ctx, x, spec, observe, site)
+
+
+def apply_act(x, spec: ActQuant, state: tuple, enabled):
+  """Fake-quantizes ``x`` with the arrays :func:`act_state` gave (pure: no state changes);
+  ``x`` itself while the layer is disabled or an observer has no range yet."""
+  qmin, qmax = spec.qmin, spec.qmax
+  if spec.method == "dynamic":
+    return jnp.where(enabled, broadcast_fake_quant(x, *state, qmin, qmax), x)
+  if spec.method == "pact":
+    return jnp.where(enabled, pact(x, state[0], spec.bits), x)
+  if spec.method == "lsq":
+    per_example = x.size // x.shape[0] if x.ndim > 1 else x.size
+    s, z = state
+    y = lsq_fake_quant(x, s, z, qmin, qmax, grad_scale=lsq_grad_scale(per_example, qmax))
+    return jnp.where(enabled, y, x)
+  s, z, ready = state
+  return jnp.where(enabled & ready, fake_quant(x, s, z, qmin, qmax), x)
+
+
+def act_params(spec: ActQuant, state: tuple) -> ActParams:
+  """The scale and zero point :func:`act_state`'s arrays stand for (what ``convert`` stores)."""
+  if spec.method == "dynamic":
+    return ActParams(*state, jnp.bool_(True), spec.bits, frozen=False)
+  if spec.method == "pact":
+    zero = jnp.zeros((), jnp.float32)
+    return ActParams(clamp_scale(state[0]) / spec.qmax, zero, jnp.bool_(True), spec.bits)
+  if spec.method == "lsq":
+    s, z = state
+    z = jnp.zeros((), jnp.float32) if z is None else jnp.clip(jnp.round(z), spec.qmin, spec.qmax)
+    return ActParams(clamp_scale(s), z, jnp.bool_(True), spec.bits)
+  return ActParams(*state, spec.bits)
+
+
 def quantize_act(
   ctx: QuantContext,
   x,
@@ -116,28 +165,8 @@ def quantize_act(
   """
   if spec is None:
     return x, None
-  qmin, qmax = spec.qmin, spec.qmax
-  if spec.method == "dynamic":
-    s, z = dynamic_act_params(x, spec, contract_axes)
-    y = broadcast_fake_quant(x, s, z, qmin, qmax)
-    return jnp.where(enabled, y, x), ActParams(s, z, jnp.bool_(True), spec.bits, frozen=False)
-  if spec.method == "pact":
-    alpha = ctx.param(act_leaf(site, "alpha"), lambda: jnp.asarray(spec.pact_init, jnp.float32))
-    y = pact(x, alpha, spec.bits)
-    s, z, ready = clamp_scale(alpha) / qmax, jnp.zeros((), jnp.float32), jnp.bool_(True)
-  elif spec.method == "lsq":
-    init = lambda: _lsq_input_init(x, spec)
-    s = ctx.param(act_leaf(site, "scale"), lambda: init()[0])
-    z = None if spec.symmetric else ctx.param(act_leaf(site, "zero_point"), lambda: init()[1])
-    per_example = x.size // x.shape[0] if x.ndim > 1 else x.size
-    y = lsq_fake_quant(x, s, z, qmin, qmax, grad_scale=lsq_grad_scale(per_example, qmax))
-    s = clamp_scale(s)
-    z = jnp.zeros((), jnp.float32) if z is None else jnp.clip(jnp.round(z), qmin, qmax)
-    ready = jnp.bool_(True)
-  else:
-    s, z, ready = _observer(ctx, x, spec, observe, site)
-    y = fake_quant(x, s, z, qmin, qmax)
-  return jnp.where(enabled & ready, y, x), ActParams(s, z, ready, spec.bits)
+  state = act_state(ctx, x, spec, observe, site, contract_axes)
+  return apply_act(x, spec, state, enabled), act_params(spec, state)
 
 
 def serving_act_params(ctx: QuantContext, x, spec: ActQuant | None, site: str, contract_axes):
@@ -314,6 +343,37 @@ def lsq_weight_init(w, spec: WeightQuant, layout: WeightLayout):
   return s.reshape(layout.param_shape)
 
 
+def weight_state(ctx: QuantContext, w, spec: WeightQuant, layout: WeightLayout, name: str):
+  """The weight's scale, shaped ``bshape``, before clamping: the learned step (LSQ, a parameter
+  of ``ctx``) or the observer's scale from ``w``; rounded to ``spec.scale_dtype``."""
+  if spec.method == "lsq":
+    s = ctx.param(weight_scale(name), lambda: lsq_weight_init(w, spec, layout))
+    if jnp.shape(s) != layout.param_shape:
+      raise ValueError(
+        f"layer {ctx.path}: {weight_scale(name)} has shape {jnp.shape(s)}, "
+        f"expected {layout.param_shape} for {spec.granularity}"
+      )
+    return _stored_precision(jnp.reshape(s, layout.bshape), spec)
+  return _stored_precision(_observer_scale(w, spec, layout), spec)
+
+
+def apply_weight(w, spec: WeightQuant, s, layout: WeightLayout, enabled):
+  """Fake-quantizes ``w`` with :func:`weight_state`'s scale (pure); ``w`` while disabled."""
+  if spec.method == "lsq":
+    grad_scale = lsq_grad_scale(layout.numel_per_scale, spec.qmax)
+    y = broadcast_fake_quant(
+      w, _expand(s, layout), None, spec.qmin, spec.qmax, learned=True, grad_scale=grad_scale
+    )
+  else:
+    y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax)
+  return jnp.where(enabled, y, w)
+
+
+def weight_scale_used(spec: WeightQuant, s):
+  """The scale the weight's integers use (a learned step is clamped at ``eps``)."""
+  return clamp_scale(s) if spec.method == "lsq" else s
+
+
 def quantize_weight(
   ctx: QuantContext,
   w,
@@ -328,28 +388,8 @@ def quantize_weight(
   """
   if spec is None:
     return w, None
-  if spec.method == "lsq":
-    s = ctx.param(weight_scale(name), lambda: lsq_weight_init(w, spec, layout))
-    if jnp.shape(s) != layout.param_shape:
-      raise ValueError(
-        f"layer {ctx.path}: {weight_scale(name)} has shape {jnp.shape(s)}, "
-        f"expected {layout.param_shape} for {spec.granularity}"
-      )
-    s = _stored_precision(jnp.reshape(s, layout.bshape), spec)
-    y = broadcast_fake_quant(
-      w,
-      _expand(s, layout),
-      None,
-      spec.qmin,
-      spec.qmax,
-      learned=True,
-      grad_scale=lsq_grad_scale(layout.numel_per_scale, spec.qmax),
-    )
-    s = clamp_scale(s)
-  else:
-    s = _stored_precision(_observer_scale(w, spec, layout), spec)
-    y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax)
-  return jnp.where(enabled, y, w), s
+  s = weight_state(ctx, w, spec, layout, name)
+  return apply_weight(w, spec, s, layout, enabled), weight_scale_used(spec, s)
 
 
 def weight_qarray(w, s, spec: WeightQuant, layout: WeightLayout, perm=None) -> QArray:
