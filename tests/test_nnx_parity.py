@@ -2,7 +2,7 @@
 block, written once with Linen and once with NNX, with identical weights.
 
 Every model mixes observer (W8A8) and LSQ (W4A4) layers through rules, so each case covers both
-methods:
+methods (the attention case adds dynamic per-token activations, W8A8 and W4A8 with int4 groups):
   * the quantizer state the NNX example pass creates equals Linen's ``from_float`` (LSQ steps from
     the same weights and batch, observers that saw the batch);
   * from the same state, one training forward (observers, BatchNorm statistics updating) gives
@@ -30,6 +30,15 @@ import qatjax.nnx as qnnx
 from qatjax import QConvBN, QDense, QDenseGeneral, QEmbed, QuantConfig
 
 OBSERVER, LSQ = QuantConfig(8, 8), QuantConfig(4, 4, method="lsq")
+DYNAMIC = QuantConfig(8, 8, act_calibration="dynamic", act_granularity="per_token")
+W4A8_DYNAMIC = QuantConfig(
+  4,
+  8,
+  weight_granularity="per_group",
+  weight_group_size=4,
+  act_calibration="dynamic",
+  act_granularity="per_token",
+)
 
 
 def close(a, b):
@@ -178,8 +187,11 @@ def _block():
 
 
 def _attention_module():
-  # The attention module's own rule sets its q.k / p.v quantizers (LSQ), the projections theirs.
-  cfg = qatjax.rules({"attn|attn/key": LSQ, ".*": OBSERVER})
+  # The attention module's own rule sets its q.k / p.v quantizers (dynamic per-token scales), the
+  # projections theirs: LSQ, observers, and int4 groups with dynamic activations (W4A8).
+  cfg = qatjax.rules(
+    {"attn": DYNAMIC, "attn/key": LSQ, "attn/value|head": W4A8_DYNAMIC, ".*": OBSERVER}
+  )
   x = [rand((2, 5, D), s) for s in (1, 2, 3)]
   float_vars = jax.jit(LinenAttention().init)(jax.random.key(0), x[0])
   linen = qatjax.quantize_model(LinenAttention(), cfg)
