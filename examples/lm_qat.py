@@ -68,7 +68,7 @@ class Block(nn.Module):
 class ByteLM(nn.Module):
   """A decoder-only transformer over bytes (GPT-style, pre-LayerNorm, learned positions)."""
 
-  d: int = 96
+  d: int = 128
   heads: int = 4
   layers: int = 2
   max_len: int = 64
@@ -285,7 +285,7 @@ def render_markdown(res: dict) -> str:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--d", type=int, default=96)
+  p.add_argument("--d", type=int, default=128, help="model width (bench_peers' LM is the same)")
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--seq-len", type=int, default=64)
