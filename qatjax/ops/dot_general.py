@@ -29,7 +29,7 @@ from qatjax.core.int_kernels import (
 from qatjax.core.qarray import QArray
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
-from qatjax.ops.product import quantized_product
+from qatjax.ops.product import integer_forward, quantized_product
 from qatjax.ops.quantizers import (
   act_params,
   act_state,
@@ -111,16 +111,48 @@ def dot_general(
       lhs, rhs = promote_dtype(lhs, rhs, dtype=dtype)
       return float_dot(lhs, rhs, dims, precision=precision)
 
-    # Recomputed in the backward pass: the layer keeps what the float layer keeps.
-    return quantized_product(op, lhs, rhs, act_q, a_state, weight_q, w_state, layout, enabled)
+    def product(lhs, rhs, a_state, w_state, enabled):
+      # Recomputed in the backward pass: the layer keeps what the float layer keeps.
+      return quantized_product(op, lhs, rhs, act_q, a_state, weight_q, w_state, layout, enabled)
+
+    if not _serves_groups(weight_q, act_q, lhs, rhs, dtype, float_dot):
+      return product(lhs, rhs, a_state, w_state, enabled)
+
+    def integer(lhs, rhs, a_state, w_state):
+      act = act_params(act_q, a_state)
+      qa = _qarray(lhs.shape, rhs, weight_scale_used(weight_q, w_state), weight_q, layout, dims)
+      return _serve_groups(lhs, qa, dims, act_q, act.scale, act.zero_point), act.ready
+
+    return integer_forward(product, integer, lhs, rhs, a_state, w_state, enabled)
+
+
+def _serves_groups(weight_q, act_q, lhs, rhs, dtype, float_dot) -> bool:
+  """Whether training computes the forward value with the integer kernel of int4 groups with
+  quantized activations (W4A8): its per-group rescaling sums in another order than one float
+  dot, so only this keeps the converted model's outputs (and greedy decoding) identical.
+  float32 layers with ``lax.dot_general`` only (the kernel returns float32)."""
+  f32 = jnp.dtype(jnp.float32)
+  return (
+    weight_q is not None
+    and act_q is not None
+    and weight_q.group_size is not None
+    and float_dot is lax.dot_general
+    and jnp.result_type(lhs, rhs) == f32
+    and (dtype is None or jnp.dtype(dtype) == f32)
+  )
+
+
+def _qarray(lhs_shape, w, scale, weight_q, layout, dims) -> QArray:
+  """The weight's integers as ``convert`` stores them: in the order the kernel reads."""
+  perm = DotLayout.of(lhs_shape, w.shape, dims, layout.group_axis).rhs_perm
+  return weight_qarray(
+    w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
+  )
 
 
 def _record(ctx, lhs_shape, w, scale, weight_q, layout, dims, weight):
   """What ``convert`` stores: the integers in the kernel's read order, and their sums."""
-  perm = DotLayout.of(lhs_shape, w.shape, dims, layout.group_axis).rhs_perm
-  qa = weight_qarray(
-    w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
-  )
+  qa = _qarray(lhs_shape, w, scale, weight_q, layout, dims)
   ctx.record(weight, qa)
   if layout.group_axis is None:
     ctx.record(
@@ -140,20 +172,28 @@ def _weight3(qa: QArray, dl: DotLayout):
   return dl.rhs3(qa.unpack())
 
 
+def _serve_groups(lhs, qa: QArray, dims, act_q, scale, zero_point):
+  """int8 activations x int4 groups -> int32 per group, rescaled (the W4A8 kernel)."""
+  dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis)
+  qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
+  s, zx = dl.lhs_param(scale), dl.lhs_param(zx)  # scalars, or (B, M, 1) per token
+  y3 = int_matmul_grouped(
+    dl.lhs3(qx), zx, _weight3(qa, dl), dl.rhs_param(qa.scale), qa.group_size, qa.shape[qa.axis]
+  )
+  return dl.out(y3 * s)
+
+
 def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
   """Integer serving of a converted weight (the bias is the layer's)."""
   params = serving_act_params(ctx, lhs, act_q, site, dims[0][0])
   if params is None:  # weight-only: dequantize the weight, float product
     return lax.dot_general(lhs, qa.dequantize(), dims)
-  dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis if qa.group_size else None)
+  if qa.group_size is not None:
+    return _serve_groups(lhs, qa, dims, act_q, *params)
+  dl = DotLayout.of(lhs.shape, qa.shape, dims)
   qx, zx = quantize_input_int8(lhs, *params, act_q.qmin, act_q.qmax)
   s, zx = dl.lhs_param(params[0]), dl.lhs_param(zx)  # scalars, or (B, M, 1) per token
   x3 = dl.lhs3(qx)
-  if qa.group_size is not None:
-    y3 = int_matmul_grouped(
-      x3, zx, _weight3(qa, dl), dl.rhs_param(qa.scale), qa.group_size, qa.shape[qa.axis]
-    )
-    return dl.out(y3 * s)
   ksum = dl.rhs_param(ctx.converted(f"{weight}_sum"))
   sw = dl.rhs_param(qa.scale)
   if dl.b == 1 and _is_canonical(qa, dl):  # the layout XLA:CPU's int8 matmul reads fastest

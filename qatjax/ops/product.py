@@ -15,8 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.ops.coverage import FALLBACK_SCOPE
 from qatjax.ops.quantizers import WeightLayout, apply_act, apply_weight
 
 
@@ -56,3 +59,45 @@ def quantized_product(
 
   remat = jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)
   return remat(lhs, rhs, act_state, weight_state, enabled)
+
+
+def integer_forward(
+  product: Callable, integer: Callable, lhs, rhs, act_state, weight_state, enabled
+):
+  """The value of the converted model's integer arithmetic, the derivatives of ``product``.
+
+  ``integer(lhs, rhs, act_state, weight_state)`` returns ``(y, ready)``: what the integer kernel
+  computes from the same integers and scales, and whether the activation quantizer is set. While
+  the layer is enabled and ready the forward value is ``y``; otherwise (and always for the
+  derivatives: the straight-through estimators) it is ``product(lhs, rhs, act_state,
+  weight_state, enabled)``, the fake-quantized product, equal to ``y`` up to float rounding.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from qatjax.ops.product import integer_forward
+    >>> fake = lambda x, w, a, s, e: jnp.round(x) * w           # a toy "fake-quant" product
+    >>> exact = lambda x, w, a, s: (jnp.round(x) * w + 1e-3, True)   # its "integer" twin
+    >>> f = lambda x: integer_forward(fake, exact, x, 2.0, None, None, True)
+    >>> float(f(1.2)), float(jax.grad(f)(1.2))   # exact's value, fake's gradient (round: 0)
+    (2.000999927520752, 0.0)
+  """
+
+  @jax.custom_vjp
+  def forward(lhs, rhs, act_state, weight_state, enabled):
+    y, ready = integer(lhs, rhs, act_state, weight_state)
+
+    def fake():
+      with jax.named_scope(FALLBACK_SCOPE):  # not a site of its own (coverage)
+        return product(lhs, rhs, act_state, weight_state, enabled)
+
+    return lax.cond(enabled & ready, lambda: y.astype(jnp.result_type(lhs, rhs)), fake)
+
+  def forward_fwd(*args):
+    _, backward = jax.vjp(product, *args)  # its forward value is unused (compiled away)
+    return forward(*args), backward
+
+  def forward_bwd(backward, cotangent):
+    return backward(cotangent)
+
+  forward.defvjp(forward_fwd, forward_bwd)
+  return forward(lhs, rhs, act_state, weight_state, enabled)
