@@ -108,8 +108,14 @@ def int_matmul(qx3, zx3, w3, kernel_sum3):
   return acc - zx3 * kernel_sum3
 
 
-def int_matmul_grouped(qx3, zx3, qw3, scale3, group_size: int, grouped_len: int):
+def int_matmul_grouped(
+  qx3, zx3, qw3, scale3, group_size: int, grouped_len: int, exact_float: bool = False
+):
   """Per-group weights: ``sum_g scale_g * (qx_g . qw_g - zx * sum qw_g)`` in float32.
+
+  With ``exact_float`` the group products are summed by a float32 dot of the same integers
+  (exact: every partial sum is an integer far below 2**24), which gives the very same result
+  and is faster where float32 matmuls are (XLA:CPU without int8 matrix units).
 
   ``qx3`` is ``(B, M, K)`` and ``qw3`` ``(B, N, K)``, where ``K`` flattens the contracted axes
   with the grouped one (of length ``grouped_len``) innermost; ``scale3`` is ``(B, N, G)``. Both
@@ -128,10 +134,14 @@ def int_matmul_grouped(qx3, zx3, qw3, scale3, group_size: int, grouped_len: int)
     return a.reshape(a.shape[:2] + (outer, groups, group_size))
 
   x5, w5 = split(qx3), split(qw3)
+  acc_type = jnp.float32 if exact_float else jnp.int32
+  if exact_float:
+    x5, w5 = x5.astype(jnp.float32), w5.astype(jnp.float32)
+    zx3 = jnp.asarray(zx3, jnp.float32)
   acc = lax.dot_general(
-    x5, w5, (((2, 4), (2, 4)), ((0, 3), (0, 3))), preferred_element_type=jnp.int32
+    x5, w5, (((2, 4), (2, 4)), ((0, 3), (0, 3))), preferred_element_type=acc_type
   )  # (B, G, M, N)
-  sums = jnp.sum(w5.astype(jnp.int32), axis=(2, 4))  # (B, N, G)
+  sums = jnp.sum(w5.astype(acc_type), axis=(2, 4))  # (B, N, G)
   zx4 = zx3 if jnp.ndim(zx3) == 0 else zx3[:, None]  # per row: (B, 1, M, 1)
   acc = acc - zx4 * jnp.transpose(sums, (0, 2, 1))[:, :, None, :]
   return _rescale_groups(acc, scale3)

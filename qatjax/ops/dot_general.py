@@ -36,6 +36,7 @@ from qatjax.ops.quantizers import (
   record_act,
   serving_act_params,
   serving_dtype,
+  weight_integers,
   weight_layout,
   weight_qarray,
   weight_scale_used,
@@ -120,8 +121,16 @@ def dot_general(
 
     def integer(lhs, rhs, a_state, w_state):
       act = act_params(act_q, a_state)
-      qa = _qarray(lhs.shape, rhs, weight_scale_used(weight_q, w_state), weight_q, layout, dims)
-      return _serve_groups(lhs, qa, dims, act_q, act.scale, act.zero_point), act.ready
+      scale = weight_scale_used(weight_q, w_state)
+      q, stored_scale = weight_integers(rhs, scale, weight_q, layout)  # not packed
+      dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)
+      args = (
+        dl.rhs3(q),
+        dl.rhs_param(stored_scale),
+        layout.group_size,
+        rhs.shape[layout.group_axis],
+      )
+      return _int_groups(lhs, dl, *args, act_q, act.scale, act.zero_point), act.ready
 
     return integer_forward(product, integer, lhs, rhs, a_state, w_state, enabled)
 
@@ -175,11 +184,20 @@ def _weight3(qa: QArray, dl: DotLayout):
 def _serve_groups(lhs, qa: QArray, dims, act_q, scale, zero_point):
   """int8 activations x int4 groups -> int32 per group, rescaled (the W4A8 kernel)."""
   dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis)
+  w3, scale3 = _weight3(qa, dl), dl.rhs_param(qa.scale)
+  return _int_groups(
+    lhs, dl, w3, scale3, qa.group_size, qa.shape[qa.axis], act_q, scale, zero_point
+  )
+
+
+def _int_groups(
+  lhs, dl, w3, scale3, group_size, grouped_len, act_q, scale, zero_point, exact_float=False
+):
+  """The grouped kernel on the weight's int8 ``(B, N, K)`` view and its ``(B, N, G)`` scales
+  (training sums the same integers with a float32 dot, exactly: see int_matmul_grouped)."""
   qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
   s, zx = dl.lhs_param(scale), dl.lhs_param(zx)  # scalars, or (B, M, 1) per token
-  y3 = int_matmul_grouped(
-    dl.lhs3(qx), zx, _weight3(qa, dl), dl.rhs_param(qa.scale), qa.group_size, qa.shape[qa.axis]
-  )
+  y3 = int_matmul_grouped(dl.lhs3(qx), zx, w3, scale3, group_size, grouped_len, exact_float)
   return dl.out(y3 * s)
 
 

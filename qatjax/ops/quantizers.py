@@ -392,12 +392,19 @@ def quantize_weight(
   return apply_weight(w, spec, s, layout, enabled), weight_scale_used(spec, s)
 
 
+def weight_integers(w, s, spec: WeightQuant, layout: WeightLayout):
+  """``(integers, stored scale)`` of ``w`` quantized with scale ``s`` (``bshape``), unpacked, in
+  the weight's own order."""
+  q = broadcast_quantize(jax.lax.stop_gradient(w), _expand(s, layout), spec.qmin, spec.qmax)
+  return q, jax.lax.stop_gradient(s).astype(spec.scale_dtype)
+
+
 def weight_qarray(w, s, spec: WeightQuant, layout: WeightLayout, perm=None) -> QArray:
   """The integers ``convert`` stores for ``w`` quantized with scale ``s`` (``bshape``)."""
-  q = broadcast_quantize(jax.lax.stop_gradient(w), _expand(s, layout), spec.qmin, spec.qmax)
+  q, stored_scale = weight_integers(w, s, spec, layout)
   return QArray.create(
     q,
-    jax.lax.stop_gradient(s).astype(spec.scale_dtype),
+    stored_scale,
     bits=spec.bits,
     axis=layout.group_axis,
     group_size=layout.group_size,
