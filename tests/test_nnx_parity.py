@@ -2,7 +2,8 @@
 block, written once with Linen and once with NNX, with identical weights.
 
 Every model mixes observer (W8A8) and LSQ (W4A4) layers through rules, so each case covers both
-methods (the attention case adds dynamic per-token activations, W8A8 and W4A8 with int4 groups):
+methods (the attention case adds dynamic per-token activations, W8A8 and W4A8 with int4 groups,
+in its projections):
   * the quantizer state the NNX example pass creates equals Linen's ``from_float`` (LSQ steps from
     the same weights and batch, observers that saw the batch);
   * from the same state, one training forward (observers, BatchNorm statistics updating) gives
@@ -187,10 +188,17 @@ def _block():
 
 
 def _attention_module():
-  # The attention module's own rule sets its q.k / p.v quantizers (dynamic per-token scales), the
-  # projections theirs: LSQ, observers, and int4 groups with dynamic activations (W4A8).
+  # The attention module's own rule sets its q.k / p.v quantizers (LSQ steps, state per site),
+  # the projections theirs: dynamic per-token W8A8, LSQ, int4 groups with dynamic activations
+  # (W4A8) and observers.
   cfg = qatjax.rules(
-    {"attn": DYNAMIC, "attn/key": LSQ, "attn/value|head": W4A8_DYNAMIC, ".*": OBSERVER}
+    {
+      "attn": LSQ,
+      "attn/query": DYNAMIC,
+      "attn/key": LSQ,
+      "attn/value|head": W4A8_DYNAMIC,
+      ".*": OBSERVER,
+    }
   )
   x = [rand((2, 5, D), s) for s in (1, 2, 3)]
   float_vars = jax.jit(LinenAttention().init)(jax.random.key(0), x[0])
