@@ -7,8 +7,11 @@ import flax.linen as nn
 from qatjax.core.config import QuantConfig
 from qatjax.core.rules import QuantRules, resolve
 from qatjax.linen.context import LinenContext, module_path
+from qatjax.ops.act_quantizers import (
+  quantize_act,
+  record_act,
+)
 from qatjax.ops.context import flags
-from qatjax.ops.quantizers import quantize_act, record_act
 
 
 class QAct(nn.Module):

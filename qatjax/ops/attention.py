@@ -20,10 +20,14 @@ from jax import lax
 
 from qatjax.core.config import ActQuant
 from qatjax.core.int_kernels import DotLayout, quantize_input_int8
+from qatjax.ops.act_quantizers import (
+  quantize_act,
+  record_act,
+  serving_act_params,
+)
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.einsum import plan_einsum
-from qatjax.ops.quantizers import quantize_act, record_act, serving_act_params
 from qatjax.ops.registry import ATTENTION_MARKER
 
 

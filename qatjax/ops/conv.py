@@ -20,15 +20,17 @@ from jax import lax
 from qatjax.core.config import ActQuant, WeightQuant
 from qatjax.core.int_kernels import int_conv, quantize_input_int8
 from qatjax.core.qarray import QArray
-from qatjax.ops.context import QuantContext, flags
-from qatjax.ops.coverage import describe, op_scope
-from qatjax.ops.product import quantized_product
-from qatjax.ops.quantizers import (
+from qatjax.ops.act_quantizers import (
   act_params,
   act_state,
   record_act,
   serving_act_params,
   serving_dtype,
+)
+from qatjax.ops.context import QuantContext, flags
+from qatjax.ops.coverage import describe, op_scope
+from qatjax.ops.product import quantized_product
+from qatjax.ops.weight_quantizers import (
   weight_layout,
   weight_qarray,
   weight_scale_used,

@@ -27,15 +27,17 @@ from qatjax.core.int_kernels import (
   quantize_input_int8,
 )
 from qatjax.core.qarray import QArray
-from qatjax.ops.context import QuantContext, flags
-from qatjax.ops.coverage import describe, op_scope
-from qatjax.ops.product import integer_forward, quantized_product
-from qatjax.ops.quantizers import (
+from qatjax.ops.act_quantizers import (
   act_params,
   act_state,
   record_act,
   serving_act_params,
   serving_dtype,
+)
+from qatjax.ops.context import QuantContext, flags
+from qatjax.ops.coverage import describe, op_scope
+from qatjax.ops.product import integer_forward, quantized_product
+from qatjax.ops.weight_quantizers import (
   weight_integers,
   weight_layout,
   weight_qarray,
@@ -151,17 +153,12 @@ def _serves_groups(weight_q, act_q, lhs, rhs, dtype, float_dot) -> bool:
   )
 
 
-def _qarray(lhs_shape, w, scale, weight_q, layout, dims) -> QArray:
-  """The weight's integers as ``convert`` stores them: in the order the kernel reads."""
-  perm = DotLayout.of(lhs_shape, w.shape, dims, layout.group_axis).rhs_perm
-  return weight_qarray(
-    w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
-  )
-
-
 def _record(ctx, lhs_shape, w, scale, weight_q, layout, dims, weight):
   """What ``convert`` stores: the integers in the kernel's read order, and their sums."""
-  qa = _qarray(lhs_shape, w, scale, weight_q, layout, dims)
+  perm = DotLayout.of(lhs_shape, w.shape, dims, layout.group_axis).rhs_perm
+  qa = weight_qarray(
+    w, scale, weight_q, layout, perm=None if perm == tuple(range(w.ndim)) else perm
+  )
   ctx.record(weight, qa)
   if layout.group_axis is None:
     ctx.record(

@@ -18,7 +18,11 @@ from qatjax.core.qarray import QArray
 from qatjax.ops import dot_general as dot
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
-from qatjax.ops.quantizers import quantize_weight, weight_layout, weight_qarray
+from qatjax.ops.weight_quantizers import (
+  quantize_weight,
+  weight_layout,
+  weight_qarray,
+)
 
 # The table's feature axis plays the contraction: scales are per row.
 TABLE_CONTRACT = (1,)

@@ -19,8 +19,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.ops.act_quantizers import (
+  apply_act,
+)
 from qatjax.ops.coverage import FALLBACK_SCOPE
-from qatjax.ops.quantizers import WeightLayout, apply_act, apply_weight
+from qatjax.ops.weight_quantizers import (
+  WeightLayout,
+  apply_weight,
+)
 
 
 def quantized_product(
@@ -35,12 +41,13 @@ def quantized_product(
   enabled,
 ):
   """``op(fake_quant(lhs), fake_quant(rhs))`` from the quantizers' state (see
-  :func:`qatjax.ops.quantizers.act_state` / ``weight_state``), rematerialized in the backward.
+  :func:`qatjax.ops.act_quantizers.act_state` / ``weight_quantizers.weight_state``),
+  rematerialized in the backward.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from qatjax.ops.product import quantized_product
-    >>> from qatjax.ops.quantizers import weight_layout
+    >>> from qatjax.ops.weight_quantizers import weight_layout
     >>> spec = QuantConfig(8, None).weight_quant
     >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0]])
     >>> s = jnp.abs(w).max(axis=0, keepdims=True) / 127
