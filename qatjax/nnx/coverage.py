@@ -3,6 +3,7 @@ config or why it stays float (the report Linen's :func:`qatjax.coverage` gives).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ from qatjax.nnx.attention import QMultiHeadAttention, float_reason
 from qatjax.nnx.context import QuantModule
 from qatjax.nnx.layers import LAYERS
 from qatjax.nnx.passes import module_path
-from qatjax.ops.coverage import CoverageReport, OpSite, scan_jaxpr
+from qatjax.ops.coverage import CoverageReport, scan_jaxpr
 
 _TOKEN = "qatjax_nnx_module_"
 _METHODS = ("__call__", "attend")
@@ -122,12 +123,12 @@ def report(model, args, kwargs, rules=None) -> CoverageReport:
     ids = [int(n[len(_TOKEN) :]) for n in names if n.startswith(_TOKEN)]
     return modules[ids[-1]][0] if ids else "<root>"
 
+  by_path = {path: (m, cls) for path, m, cls in modules.values() if path != "<root>"}
   sites = []
   for site in scan_jaxpr(jaxpr, (), resolve=resolve):
     if site.config is None:
-      m, cls = next(((m, c) for p, m, c in modules.values() if p == site.path), (None, None))
       asked = rules is not None and rules.lookup(site.path) is not None
-      reason, requested = _reason(None if site.path == "<root>" else m, cls, asked)
-      site = OpSite(site.path, site.op, site.shapes, None, reason, requested)
+      reason, requested = _reason(*by_path.get(site.path, (None, None)), asked)
+      site = dataclasses.replace(site, reason=reason, requested=requested)
     sites.append(site)
   return CoverageReport(tuple(sites))
