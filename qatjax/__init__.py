@@ -29,6 +29,7 @@ from qatjax.model.flags import set_quant_flags
 from qatjax.model.from_float import from_float
 from qatjax.model.serialize import load_quantized, save_quantized
 from qatjax.model.size import LayerSize, SizeReport, compare_sizes, model_size
+from qatjax.ops.product import qat_forward
 
 __version__ = "0.1.0"
 
@@ -76,6 +77,7 @@ __all__ = [
   "model_size",
   "pack_int4",
   "pact",
+  "qat_forward",
   "qrange",
   "quantize",
   "quantize_model",

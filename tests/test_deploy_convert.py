@@ -329,6 +329,26 @@ def test_model_size_tells_mixed_precision_layers_apart():
   assert model_size({"params": {"layers_4": bf16}})["layers_4"].dtype == "bfloat16"
 
 
+def _int32_conv(qx, qw, zx, ksum, pads, strides, lhs_dil, rhs_dil, groups):
+  """The reference: XLA's int32 convolution of the input padded with its zero point, minus the
+  zero-point correction; also the padded input."""
+  from jax import lax
+
+  cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)] + [(0, 0, 0)]
+  padded = lax.pad(qx.astype(jnp.int32), zx, cfg)
+  spec = {3: ("NWC", "WIO", "NWC"), 4: ("NHWC", "HWIO", "NHWC"), 5: ("NDHWC", "DHWIO", "NDHWC")}
+  conv = lax.conv_general_dilated(
+    padded,
+    qw.astype(jnp.int32),
+    strides,
+    "VALID",
+    rhs_dilation=rhs_dil,
+    feature_group_count=groups,
+    dimension_numbers=spec[qx.ndim],
+  )
+  return conv - zx * ksum, padded
+
+
 @pytest.mark.parametrize(
   "cin,groups,strides,lhs_dil,rhs_dil",
   [
@@ -341,7 +361,6 @@ def test_model_size_tells_mixed_precision_layers_apart():
 )
 def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_dil, rhs_dil):
   """Few-channel convs run exactly in float32 on CPU: same integers as the int32 conv."""
-  from jax import lax
 
   from qatjax.core.int_kernels import int_conv
 
@@ -364,20 +383,7 @@ def test_int_conv_few_channel_path_is_bitwise_int32(cin, groups, strides, lhs_di
       feature_group_count=groups,
     )
   )(qx)
-  cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)] + [(0, 0, 0)]
-  padded = lax.pad(qx.astype(jnp.int32), jnp.int32(77), cfg)
-  ref = (
-    lax.conv_general_dilated(
-      padded,
-      qw.astype(jnp.int32),
-      strides,
-      "VALID",
-      rhs_dilation=rhs_dil,
-      feature_group_count=groups,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    - zx * ksum
-  )
+  ref, _ = _int32_conv(qx, qw, zx, ksum, pads, strides, lhs_dil, rhs_dil, groups)
   assert got.dtype == (jnp.float32 if cin // groups <= 4 else jnp.int32)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), np.asarray(ref))
 
@@ -455,3 +461,34 @@ def test_int_matmul_grouped_matches_numpy(groups, group_size, inner, zx_per_row)
     dot = np.einsum("mok,nok->mn", x[:, :, sl], w[:, :, sl]) - z * w[:, :, sl].sum((1, 2))
     want += dot * scale[0, :, g].astype(np.float64)
   np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+  "spatial,cin,strides,lhs_dil,rhs_dil",
+  [
+    ((9, 8), 8, (1, 1), (1, 1), (1, 1)),
+    ((9, 8), 16, (2, 2), (1, 1), (2, 1)),
+    ((9, 8), 8, (1, 2), (2, 1), (1, 1)),
+    ((11,), 6, (2,), (1,), (3,)),
+    ((5, 6, 4), 5, (1, 2, 1), (1, 1, 1), (1, 1, 2)),
+  ],
+)
+def test_int_conv_im2col_path_is_bitwise_int32(spatial, cin, strides, lhs_dil, rhs_dil):
+  """Convs with more channels run as one int8 GEMM over their patches (im2col) on CPU: the
+  same int32 sums as XLA's int32 convolution of the zero-point-padded input."""
+
+  from qatjax.core import int_kernels
+
+  nd = len(spatial)
+  rng = np.random.default_rng(cin + nd)
+  qx = jnp.asarray(rng.integers(-128, 128, size=(2, *spatial, cin)).astype(np.int8))
+  qw = jnp.asarray(rng.integers(-128, 128, size=(*(3,) * nd, cin, 7)).astype(np.int8))
+  zx = jnp.int32(-45)
+  ksum = jnp.sum(qw.astype(jnp.int32), axis=tuple(range(nd + 1)))
+  pads = [(1, 2), (0, 1), (2, 0)][:nd]
+  kw = dict(strides=strides, pads=pads, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil)
+  got = jax.jit(lambda a: int_kernels.int_conv(a, zx, qw, ksum, feature_group_count=1, **kw))(qx)
+  ref, padded = _int32_conv(qx, qw, zx, ksum, pads, strides, lhs_dil, rhs_dil, 1)
+  assert int_kernels._im2col_pays(padded.shape, qw.shape, strides, rhs_dil, 1)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

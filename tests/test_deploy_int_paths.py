@@ -7,7 +7,9 @@ matmul of the dequantized operands gives the same numbers. Here the jaxpr of
 ``PATHS`` (a one-layer model and the kind of product it must run):
 
 * ``"int8"``: every ``dot_general`` / ``conv_general_dilated`` has int8 operands and an int32
-  accumulator (``preferred_element_type``), and there is at least one;
+  accumulator (``preferred_element_type``), and there is at least one; or, on CPUs with fast
+  bfloat16 products (``core.exact_dot``), bfloat16 operands converted straight from int8 and a
+  float32 accumulator (the same int32 sums, exactly);
 * ``"exact_f32"``: XLA:CPU's few-channel convolution (``int_conv``): a float32 conv at
   ``HIGHEST`` precision whose operands are the integers themselves (``qx - zx`` and ``qw``
   converted from int8, no scale), so every partial sum is an exact integer;
@@ -173,7 +175,12 @@ def test_converted_layer_runs_its_integer_product(served):
     for e in products
   ]
   if kind == "int8":
+    producers = _producers(jaxpr)
     for e, sig in zip(products, signature):
+      if all(v.aval.dtype == jnp.bfloat16 for v in e.invars):  # exact bfloat16 products
+        assert all(_made_from_int8(v, producers) for v in e.invars), (name, signature)
+        assert e.params["preferred_element_type"] == jnp.float32, (name, sig)
+        continue
       assert [v.aval.dtype for v in e.invars] == [jnp.int8, jnp.int8], (name, signature)
       assert e.params["preferred_element_type"] == jnp.int32, (name, sig)
     return

@@ -1,11 +1,13 @@
-"""W4A8 layers train with the integer kernel's forward value (issue 12 item 1, for int4 groups).
+"""Quantized dots train with the integer kernel's forward value (issue 12 item 1).
 
-The converted model's grouped kernel sums int32 group products rescaled one group at a time; a
-float fake-quant dot rounds differently, and a near tie then flips a greedy token (issue 10's
-"generation identical" goal). Training therefore computes the forward value with the same
-integer arithmetic (ops/product.integer_forward) while the gradients stay the fake-quant
-straight-through estimators'. Expected values: the converted model's outputs (bitwise) and the
-gradients of the pure fake-quant path (the same layer with the integer forward switched off).
+``qatjax.qat_forward`` chooses the training forward of a ``dot_general`` whose weight and
+activation are quantized: the converted model's integer arithmetic (int8 products, or the same
+int32 sums computed exactly on bfloat16 units) or the fake-quantized float product. int4 groups
+with quantized activations always take the integer one (the grouped kernel rescales group by
+group, so only this keeps the converted model's outputs, and greedy decoding, identical); under
+``"auto"`` the others do where bfloat16 products are fast (x86 CPUs with ``avx512_bf16``).
+Expected values: the converted model's outputs (bitwise), the gradients of the pure fake-quant
+path (``qat_forward("fake_quant")``) and int64 products computed by numpy.
 """
 
 import flax.linen as nn
@@ -16,17 +18,28 @@ import pytest
 
 import qatjax
 from qatjax import QDense, QDenseGeneral, QuantConfig
-from qatjax.ops import dot_general as dot_op
+from qatjax.core import exact_dot
+from qatjax.ops import product
 
 GROUPED = dict(weight_granularity="per_group", weight_group_size=32)
+DYNAMIC = dict(act_calibration="dynamic", act_granularity="per_token")
 CONFIGS = {
-  "dynamic_per_token": QuantConfig(
-    4, 8, **GROUPED, act_calibration="dynamic", act_granularity="per_token"
-  ),
-  "observer": QuantConfig(4, 8, **GROUPED),
-  "lsq": QuantConfig(4, 8, **GROUPED, method="lsq"),
+  "w4a8_dynamic_per_token": QuantConfig(4, 8, **GROUPED, **DYNAMIC),
+  "w4a8_observer": QuantConfig(4, 8, **GROUPED),
+  "w4a8_lsq": QuantConfig(4, 8, **GROUPED, method="lsq"),
+  "w8a8_observer": QuantConfig(8, 8),
+  "w8a8_lsq": QuantConfig(8, 8, method="lsq"),
+  "w8a8_dynamic_per_token": QuantConfig(8, 8, **DYNAMIC),
+  "w4a4_pact": QuantConfig(4, 4, pact=True),
 }
 X = jax.random.normal(jax.random.key(1), (2, 8, 100))  # 100 inputs: groups of 32, 32, 32, 4
+
+
+@pytest.fixture(params=["bf16", "int8"])
+def unit(request, monkeypatch):
+  """Runs a test with bfloat16 products reported fast (exact bf16 sums) and slow (int8)."""
+  monkeypatch.setattr(product, "bf16_matmul_fast", lambda: request.param == "bf16")
+  return request.param
 
 
 def _layers(config):
@@ -44,18 +57,27 @@ def _state(layer):
   return v
 
 
+def _apply(layer, v, mode):
+  with qatjax.qat_forward(mode):
+    return jax.jit(layer.apply)(v, X)  # a new jit per call: traced under this mode
+
+
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("kind", ["dense", "dense_general"])
-def test_training_forward_is_the_integer_models_output(kind, config):
+def test_training_forward_is_the_integer_models_output(kind, config, unit):
   layer = _layers(config)[kind]
   v = _state(layer)
-  y_train = jax.jit(layer.apply)(v, X)
   y_int = jax.jit(layer.apply)(qatjax.convert(layer, v, X), X)
-  np.testing.assert_array_equal(y_train, y_int)
+  if config.pact:  # the scale alpha / qmax: XLA may multiply by 1 / qmax in one graph (1 ulp)
+    np.testing.assert_allclose(_apply(layer, v, "integer"), y_int, rtol=3e-7, atol=0)
+  else:
+    np.testing.assert_array_equal(_apply(layer, v, "integer"), y_int)
+  y_fake = _apply(layer, v, "fake_quant")
+  np.testing.assert_allclose(y_fake, y_int, rtol=1e-5, atol=1e-5)  # float rounding only
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_gradients_are_the_fake_quant_estimators(config, monkeypatch):
+def test_gradients_are_the_fake_quant_estimators(config, unit):
   layer = QDense(48, config=config)
   v = _state(layer)
 
@@ -63,23 +85,98 @@ def test_gradients_are_the_fake_quant_estimators(config, monkeypatch):
   # two paths round differently.
   c = jax.random.normal(jax.random.key(3), (2, 8, 48))
 
-  def grads():
+  def grads(mode):
     def loss(params, x):
       return jnp.sum(c * layer.apply({**v, "params": params}, x))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], X)
+    with qatjax.qat_forward(mode):
+      return jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], X)
 
-  got = grads()
-  monkeypatch.setattr(dot_op, "_serves_groups", lambda *a: False)  # the pure fake-quant path
-  want = grads()
+  got, want = grads("integer"), grads("fake_quant")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
   assert float(jnp.abs(got[1]).sum()) > 0  # the input gradient flows (STE)
 
 
-def test_a_disabled_layer_is_the_float_layer():
-  config = CONFIGS["dynamic_per_token"]
-  layer = QDense(48, config=config)
-  v = _state(layer)
-  off = qatjax.set_quant_flags(v, enabled=False)
-  y_float = nn.Dense(48).apply({"params": v["params"]}, X)
-  np.testing.assert_allclose(jax.jit(layer.apply)(off, X), y_float, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_takes_the_integer_forward_where_bf16_products_are_fast(fast, monkeypatch):
+  monkeypatch.setattr(product, "bf16_matmul_fast", lambda: fast)
+  for name in ("w8a8_observer", "w4a8_observer"):
+    layer = QDense(48, config=CONFIGS[name])
+    v = _state(layer)
+    y_auto = _apply(layer, v, "auto")
+    integer = fast or name.startswith("w4a8")  # groups: always integer
+    np.testing.assert_array_equal(y_auto, _apply(layer, v, "integer" if integer else "fake_quant"))
+  # per-channel outputs of the two paths differ somewhere (else this test could not tell)
+  assert not np.array_equal(_apply(layer, v, "integer"), _apply(layer, v, "fake_quant"))
+
+
+def test_unit_choice_follows_the_exactness_bound(monkeypatch):
+  monkeypatch.setattr(product, "bf16_matmul_fast", lambda: True)
+  with qatjax.qat_forward("auto"):
+    assert product.integer_unit(1032, 128, 127, grouped=False) == "bf16"
+    assert product.integer_unit(1033, 128, 127, grouped=False) is None  # not exact: fake quant
+  with qatjax.qat_forward("integer"):
+    assert product.integer_unit(1033, 128, 127, grouped=False) == "int8"
+  with qatjax.qat_forward("fake_quant"):
+    assert product.integer_unit(16, 128, 127, grouped=True) is None
+  monkeypatch.setattr(product, "bf16_matmul_fast", lambda: False)
+  with qatjax.qat_forward("auto"):
+    assert product.integer_unit(16, 128, 127, grouped=False) is None
+    assert product.integer_unit(16, 128, 7, grouped=True) == "int8"
+
+
+@pytest.mark.parametrize("k", [1032, 300])
+def test_bf16_products_are_the_int32_ones_up_to_the_bound(k):
+  rng = np.random.default_rng(k)
+  qx = rng.integers(-128, 128, (6, k)).astype(np.int8)
+  qw = rng.integers(-127, 128, (k, 5)).astype(np.int8)
+  qx[0], qw[:, 0] = -128, -127  # the largest sums: 1032 * 128 * 127 = 16,777,216 - 4,096
+  qx[1], qw[:, 1] = 127, 127
+  assert exact_dot.exact_in_bf16(k, 128, 127)
+  want = qx.astype(np.int64) @ qw.astype(np.int64)
+  dims = (((1,), (0,)), ((), ()))
+  for bf16 in (True, False):
+    got = jax.jit(exact_dot.int_dot_general, static_argnames=("dimension_numbers", "bf16"))(
+      jnp.asarray(qx), jnp.asarray(qw), dimension_numbers=dims, bf16=bf16
+    )
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_exactness_bound():
+  assert exact_dot.exact_in_bf16(2**24 // (128 * 127), 128, 127)
+  assert not exact_dot.exact_in_bf16(2**24 // (128 * 127) + 1, 128, 127)
+  assert exact_dot.exact_in_bf16(16384, 128, 8)
+  assert not exact_dot.exact_in_bf16(1, 300, 1)  # bfloat16 holds integers up to 256 only
+
+
+def test_bad_mode_raises():
+  with pytest.raises(ValueError, match="mode must be one of"), qatjax.qat_forward("int8"):
+    pass
+
+
+def test_a_disabled_layer_is_the_float_layer(unit):
+  for name in ("w4a8_dynamic_per_token", "w8a8_observer"):
+    layer = QDense(48, config=CONFIGS[name])
+    v = _state(layer)
+    off = qatjax.set_quant_flags(v, enabled=False)
+    y_float = nn.Dense(48).apply({"params": v["params"]}, X)
+    np.testing.assert_allclose(_apply(layer, off, "integer"), y_float, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_serving_on_bf16_units_gives_the_int8_kernels_outputs(bits, monkeypatch):
+  """Converted dense layers with many rows compute their int32 sums on bfloat16 units where
+  those are fast: the outputs are bitwise those of the int8 products."""
+  from qatjax.core import int_kernels
+
+  x = jax.random.normal(jax.random.key(4), (96, 200))  # more rows than int_kernels.SWAP_ROWS
+  layer = QDense(40, config=QuantConfig(bits, 8))
+  v = layer.init(jax.random.key(0), x)
+  _, stats = layer.apply(v, x, mutable=["quant_stats"])
+  qv = qatjax.convert(layer, {**v, **stats}, x)
+  outs = {}
+  for fast in (True, False):
+    monkeypatch.setattr(int_kernels, "bf16_matmul_fast", lambda fast=fast: fast)
+    outs[fast] = jax.jit(layer.apply)(qv, x)
+  np.testing.assert_array_equal(outs[True], outs[False])
+  assert float(jnp.abs(outs[True]).max()) > 0

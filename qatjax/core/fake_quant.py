@@ -62,6 +62,26 @@ def _fq_ste_bwd(qmin, qmax, stochastic, res, g):
 _fq_ste.defvjp(_fq_ste_fwd, _fq_ste_bwd)
 
 
+# --- unclipped STE: for a scale that covers x's whole range -------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fq_pass(x, scale, qmin, qmax):
+  zero = jnp.zeros((), x.dtype)
+  return _fq_ste(x, scale, zero, zero, qmin, qmax, False)
+
+
+def _fq_pass_fwd(x, scale, qmin, qmax):
+  return _fq_pass(x, scale, qmin, qmax), scale
+
+
+def _fq_pass_bwd(qmin, qmax, scale, g):
+  return g, jnp.zeros_like(scale)
+
+
+_fq_pass.defvjp(_fq_pass_fwd, _fq_pass_bwd)
+
+
 # --- LSQ / LSQ+: gradients to x, scale and zero point ---------------------------------------------
 
 
@@ -200,12 +220,15 @@ def broadcast_fake_quant(
   learned: bool = False,
   grad_scale=1.0,
   eps: float = EPS,
+  covers_range: bool = False,
 ):
   """:func:`fake_quant` (or, ``learned=True``, :func:`lsq_fake_quant`) for parameters that already
   broadcast against ``x``, of any shape (e.g. one scale per output element of an N-D kernel).
 
   No validation: the quantized ops call it with shapes they built. ``zero_point=None`` is a
-  fixed 0 (no gradient).
+  fixed 0 (no gradient). ``covers_range=True`` (symmetric, not learned) says that no element of
+  ``x`` is clipped, e.g. a scale of ``max |x| / qmax`` from ``x`` itself: the backward pass then
+  passes ``dy`` through without recomputing the in-range mask, which would be all true.
   """
   compute = jnp.promote_types(x.dtype, jnp.float32)
   xc = x.astype(compute)
@@ -215,6 +238,8 @@ def broadcast_fake_quant(
   noise = jnp.zeros((), compute)
   if learned:
     y = _learned(xc, s, z, noise, qmin, qmax, False, grad_scale, learn_zp)
+  elif covers_range and zero_point is None:
+    y = _fq_pass(xc, s, qmin, qmax)
   else:
     y = _fq_ste(xc, s, z, noise, qmin, qmax, False)
   return y.astype(x.dtype)

@@ -19,6 +19,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.core.exact_dot import contracted_length, int_dot_general
 from qatjax.core.int_kernels import (
   DotLayout,
   int_matmul,
@@ -36,7 +37,7 @@ from qatjax.ops.act_quantizers import (
 )
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
-from qatjax.ops.product import integer_forward, quantized_product
+from qatjax.ops.product import integer_forward, integer_unit, quantized_product
 from qatjax.ops.weight_quantizers import (
   weight_integers,
   weight_layout,
@@ -118,13 +119,18 @@ def dot_general(
       # Recomputed in the backward pass: the layer keeps what the float layer keeps.
       return quantized_product(op, lhs, rhs, act_q, a_state, weight_q, w_state, layout, enabled)
 
-    if not _serves_groups(weight_q, act_q, lhs, rhs, dtype, float_dot):
+    unit = _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout)
+    if unit is None:
       return product(lhs, rhs, a_state, w_state, enabled)
+    bf16 = unit == "bf16"
 
     def integer(lhs, rhs, a_state, w_state):
       act = act_params(act_q, a_state)
       scale = weight_scale_used(weight_q, w_state)
       q, stored_scale = weight_integers(rhs, scale, weight_q, layout)  # not packed
+      if layout.group_axis is None:
+        y = _int_channels(lhs, q, stored_scale, dims, act_q, act.scale, act.zero_point, bf16)
+        return y, act.ready
       dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)
       args = (
         dl.rhs3(q),
@@ -132,25 +138,31 @@ def dot_general(
         layout.group_size,
         rhs.shape[layout.group_axis],
       )
-      return _int_groups(lhs, dl, *args, act_q, act.scale, act.zero_point), act.ready
+      return _int_groups(lhs, dl, *args, act_q, act.scale, act.zero_point, bf16), act.ready
 
     return integer_forward(product, integer, lhs, rhs, a_state, w_state, enabled)
 
 
-def _serves_groups(weight_q, act_q, lhs, rhs, dtype, float_dot) -> bool:
-  """Whether training computes the forward value with the integer kernel of int4 groups with
-  quantized activations (W4A8): its per-group rescaling sums in another order than one float
-  dot, so only this keeps the converted model's outputs (and greedy decoding) identical.
-  float32 layers with ``lax.dot_general`` only (the kernel returns float32)."""
+def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout) -> str | None:
+  """Whether (and on which unit) training computes the forward value with the integer kernel
+  (:func:`qatjax.ops.product.qat_forward`): float32 layers with ``lax.dot_general`` and both
+  operands quantized to at most 8 bits (the kernels return float32)."""
   f32 = jnp.dtype(jnp.float32)
-  return (
+  if not (
     weight_q is not None
     and act_q is not None
-    and weight_q.group_size is not None
+    and weight_q.bits <= 8
+    and act_q.bits <= 8
     and float_dot is lax.dot_general
     and jnp.result_type(lhs, rhs) == f32
     and (dtype is None or jnp.dtype(dtype) == f32)
-  )
+  ):
+    return None
+  shift = 128 if act_q.qmax > 127 else 0  # quantize_input_int8's int8 range
+  amax_lhs = max(abs(act_q.qmin - shift), abs(act_q.qmax - shift))
+  amax_rhs = max(abs(weight_q.qmin), abs(weight_q.qmax))
+  k = contracted_length(rhs.shape, dims[0][1])
+  return integer_unit(k, amax_lhs, amax_rhs, grouped=layout.group_size is not None)
 
 
 def _record(ctx, lhs_shape, w, scale, weight_q, layout, dims, weight):
@@ -187,14 +199,12 @@ def _serve_groups(lhs, qa: QArray, dims, act_q, scale, zero_point):
   )
 
 
-def _int_groups(
-  lhs, dl, w3, scale3, group_size, grouped_len, act_q, scale, zero_point, exact_float=False
-):
+def _int_groups(lhs, dl, w3, scale3, group_size, grouped_len, act_q, scale, zero_point, bf16=False):
   """The grouped kernel on the weight's int8 ``(B, N, K)`` view and its ``(B, N, G)`` scales
-  (training sums the same integers with a float32 dot, exactly: see int_matmul_grouped)."""
+  (``bf16``: the int32 products on bfloat16 units, exactly; see :mod:`qatjax.core.exact_dot`)."""
   qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
   s, zx = dl.lhs_param(scale), dl.lhs_param(zx)  # scalars, or (B, M, 1) per token
-  y3 = int_matmul_grouped(dl.lhs3(qx), zx, w3, scale3, group_size, grouped_len, exact_float)
+  y3 = int_matmul_grouped(dl.lhs3(qx), zx, w3, scale3, group_size, grouped_len, bf16)
   return dl.out(y3 * s)
 
 
@@ -216,6 +226,27 @@ def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
     zx2 = zx if zx.ndim == 0 else zx[0]
     acc = int_matmul_nk(x3[0], zx2, qa.values, dl.n, dl.k, qa.bits, ks)[None]
   else:
-    acc = int_matmul(x3, zx, _weight3(qa, dl), ksum if ksum.ndim == 0 else jnp.swapaxes(ksum, 1, 2))
-  sw = sw if sw.ndim == 0 else jnp.swapaxes(sw, 1, 2)
-  return dl.out(acc.astype(jnp.float32) * (s * sw))
+    acc = int_matmul(x3, zx, _weight3(qa, dl), _per_column(ksum))
+  return _rescale(dl, acc, s, sw)
+
+
+def _per_column(p):
+  """A ``(B, N, 1)`` weight parameter as ``(B, 1, N)`` (scalars as they are)."""
+  return p if p.ndim == 0 else jnp.swapaxes(p, 1, 2)
+
+
+def _rescale(dl, acc, s, sw):
+  """The int32 ``(B, M, N)`` sums in float32, times the activation and weight scales."""
+  return dl.out(acc.astype(jnp.float32) * (s * _per_column(sw)))
+
+
+def _int_channels(lhs, q, stored_scale, dims, act_q, scale, zero_point, bf16):
+  """:func:`_serve`'s arithmetic for the training forward: the same int32 sums (computed on the
+  weight in its own order: ``convert``'s stored order saves no transpose here) and rescaling,
+  hence bitwise the converted model's output."""
+  dl = DotLayout.of(lhs.shape, q.shape, dims)
+  qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
+  acc = int_dot_general(qx, q.astype(jnp.int8), dims, bf16=bf16).reshape(dl.b, dl.m, dl.n)
+  ksum = dl.rhs_param(jnp.sum(q.astype(jnp.int32), axis=dims[0][1], keepdims=True))
+  acc = acc - dl.lhs_param(zx) * _per_column(ksum)
+  return _rescale(dl, acc, dl.lhs_param(scale), dl.rhs_param(stored_scale))

@@ -12,6 +12,8 @@ straight-through estimators, Esser et al. 2020 for the learned steps).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import jax
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.core.exact_dot import bf16_matmul_fast, exact_in_bf16
 from qatjax.ops.act_quantizers import (
   apply_act,
 )
@@ -108,3 +111,68 @@ def integer_forward(
 
   forward.defvjp(forward_fwd, forward_bwd)
   return forward(lhs, rhs, act_state, weight_state, enabled)
+
+
+FORWARD_MODES = ("auto", "integer", "fake_quant")
+_FORWARD = contextvars.ContextVar("qatjax_qat_forward", default="auto")
+
+
+@contextlib.contextmanager
+def qat_forward(mode: str):
+  """Chooses how quantized matmuls compute their training forward value (at trace time).
+
+  * ``"auto"`` (default): the integer forward where it is faster or needed, else the
+    fake-quantized float product. Integer: int4 groups with quantized activations (always: the
+    converted model's grouped kernel rounds differently from one float dot), and on CPUs with
+    bfloat16 matrix instructions every ``dot_general`` whose weight and activation are quantized
+    (their int32 products computed exactly on those units, :mod:`qatjax.core.exact_dot`).
+  * ``"integer"``: every such ``dot_general`` computes its forward value as the converted
+    model's integer kernel does (int8 products where bfloat16 ones are not exact or not fast).
+  * ``"fake_quant"``: the fake-quantized float product everywhere.
+
+  The gradients are the same in every mode: the straight-through estimators of the fake
+  quantization (Esser et al. 2020 for learned steps); the integer forward value equals the
+  fake-quant one up to float rounding, and the converted model's output exactly. Layers with a
+  non-float32 ``dtype`` or their own ``dot_general``, convolutions and embedding lookups always
+  use the fake-quant product. ``jax.jit`` caches what it traced: set the mode before the first
+  call of a step.
+
+  Args:
+    mode: one of ``"auto"``, ``"integer"``, ``"fake_quant"``.
+
+  Raises:
+    ValueError: for any other mode.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import qatjax
+    >>> layer = qatjax.QDense(4, config=qatjax.QuantConfig(8, 8, act_calibration="dynamic"))
+    >>> x = jnp.ones((2, 8))
+    >>> v = layer.init(jax.random.key(0), x)
+    >>> with qatjax.qat_forward("integer"):
+    ...   y_int = layer.apply(v, x)
+    >>> with qatjax.qat_forward("fake_quant"):
+    ...   y_fake = layer.apply(v, x)
+    >>> bool(jnp.allclose(y_int, y_fake, atol=1e-5))
+    True
+  """
+  if mode not in FORWARD_MODES:
+    raise ValueError(f"qat_forward: mode must be one of {FORWARD_MODES}, got {mode!r}")
+  token = _FORWARD.set(mode)
+  try:
+    yield
+  finally:
+    _FORWARD.reset(token)
+
+
+def integer_unit(k: int, amax_lhs: int, amax_rhs: int, grouped: bool) -> str | None:
+  """The integer forward's matrix unit under the current :func:`qat_forward` mode: ``"bf16"``
+  (exact bfloat16 products), ``"int8"``, or ``None`` (the fake-quant product) for a contraction
+  of length ``k`` of integers of magnitude at most ``amax_lhs`` / ``amax_rhs``."""
+  mode = _FORWARD.get()
+  if mode == "fake_quant":
+    return None
+  bf16 = bf16_matmul_fast() and exact_in_bf16(k, amax_lhs, amax_rhs)
+  if mode == "integer" or grouped:
+    return "bf16" if bf16 else "int8"
+  return "bf16" if bf16 else None

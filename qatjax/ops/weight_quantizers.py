@@ -106,8 +106,10 @@ def _abs_reduce(w, layout: WeightLayout, fn):
 
 
 def _minmax_scale(w, spec: WeightQuant, layout: WeightLayout):
-  """Symmetric scale per scale from ``max |w|``, shaped ``bshape``."""
-  m = _abs_reduce(w, layout, jnp.nanmax)
+  """Symmetric scale per scale from ``max |w|`` (NaNs ignored), shaped ``bshape``."""
+  m = cal.nan_ignoring(
+    lambda: _abs_reduce(w, layout, jnp.max), lambda: _abs_reduce(w, layout, jnp.nanmax)
+  )
   return scale_zero_point(-m, m, spec.qmin, spec.qmax, symmetric=True)[0]
 
 
@@ -183,8 +185,17 @@ def apply_weight(w, spec: WeightQuant, s, layout: WeightLayout, enabled):
       w, _expand(s, layout), None, spec.qmin, spec.qmax, learned=True, grad_scale=grad_scale
     )
   else:
-    y = broadcast_fake_quant(w, _expand(s, layout), None, spec.qmin, spec.qmax)
+    y = broadcast_fake_quant(
+      w, _expand(s, layout), None, spec.qmin, spec.qmax, covers_range=_covers_range(spec)
+    )
   return jnp.where(enabled, y, w)
+
+
+def _covers_range(spec: WeightQuant) -> bool:
+  """Whether the observer's scale clips no weight: ``max |w| / qmax`` of the weights it
+  quantizes, in float32 (``w / s`` is then at most ``qmax`` up to float rounding and rounds to at
+  most ``qmax``). The STE's in-range mask is all true (for finite weights) and is skipped."""
+  return spec.calibration == "minmax" and spec.scale_dtype == "float32" and spec.qmin == -spec.qmax
 
 
 def weight_scale_used(spec: WeightQuant, s):
