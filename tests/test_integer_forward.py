@@ -31,6 +31,8 @@ CONFIGS = {
   "w8a8_lsq": QuantConfig(8, 8, method="lsq"),
   "w8a8_dynamic_per_token": QuantConfig(8, 8, **DYNAMIC),
   "w4a4_pact": QuantConfig(4, 4, pact=True),
+  "w8a8_pact": QuantConfig(8, 8, pact=True),  # unsigned, zero point 0: int8 zero point -128
+  "w8a8_symmetric": QuantConfig(8, 8, act_symmetric=True),  # signed: no zero-point correction
 }
 X = jax.random.normal(jax.random.key(1), (2, 8, 100))  # 100 inputs: groups of 32, 32, 32, 4
 
@@ -68,7 +70,9 @@ def test_training_forward_is_the_integer_models_output(kind, config, unit):
   layer = _layers(config)[kind]
   v = _state(layer)
   y_int = jax.jit(layer.apply)(qatjax.convert(layer, v, X), X)
-  if config.pact:  # the scale alpha / qmax: XLA may multiply by 1 / qmax in one graph (1 ulp)
+  if config.pact or config.act_symmetric:
+    # Scales alpha / qmax and max|x| / 127.5: XLA may multiply by the reciprocal in one program
+    # and divide in the other (1 ulp apart).
     np.testing.assert_allclose(_apply(layer, v, "integer"), y_int, rtol=3e-7, atol=0)
   else:
     np.testing.assert_array_equal(_apply(layer, v, "integer"), y_int)

@@ -246,7 +246,20 @@ def _int_channels(lhs, q, stored_scale, dims, act_q, scale, zero_point, bf16):
   hence bitwise the converted model's output."""
   dl = DotLayout.of(lhs.shape, q.shape, dims)
   qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
-  acc = int_dot_general(qx, q.astype(jnp.int8), dims, bf16=bf16).reshape(dl.b, dl.m, dl.n)
-  ksum = dl.rhs_param(jnp.sum(q.astype(jnp.int32), axis=dims[0][1], keepdims=True))
-  acc = acc - dl.lhs_param(zx) * _per_column(ksum)
+  q = q.astype(jnp.int8)
+  acc = int_dot_general(qx, q, dims, bf16=bf16).reshape(dl.b, dl.m, dl.n)
+  if not (act_q.symmetric and act_q.qmin < 0):  # signed symmetric: zero point 0, no correction
+    ksum = dl.rhs_param(_column_sums(q, dims, bf16))
+    acc = acc - dl.lhs_param(zx) * _per_column(ksum)
   return _rescale(dl, acc, dl.lhs_param(scale), dl.rhs_param(stored_scale))
+
+
+def _column_sums(q, dims, bf16):
+  """The int32 sums of the int8 weight ``q`` over its contracted axes (kept as size 1): a
+  product with ones on the same unit as the layer's (one read of ``q``, no int32 copy of it)."""
+  (_, rc), (_, rb) = dims
+  if rb:
+    return jnp.sum(q.astype(jnp.int32), axis=rc, keepdims=True)
+  ones = jnp.ones([q.shape[a] for a in rc], jnp.int8)
+  sums = int_dot_general(ones, q, ((tuple(range(len(rc))), rc), ((), ())), bf16=bf16)
+  return sums.reshape([1 if a in rc else d for a, d in enumerate(q.shape)])
