@@ -43,12 +43,6 @@ def render() -> str:
     ),
     _md_section("Against qwix and AQT", "peers.md", "python benchmarks/bench_peers.py"),
     _md_section(
-      "Against qwix on the LM (latest run of the LM part alone)",
-      "peers_lm.md",
-      "python benchmarks/bench_peers.py --skip-timing --skip-accuracy "
-      "--out benchmarks/results/peers_lm.json",
-    ),
-    _md_section(
       "Integer inference vs float32", "inference.md", "python benchmarks/bench_inference.py"
     ),
     _md_section("QAT train-step overhead", "layers.md", "python benchmarks/bench_layers.py"),

@@ -184,3 +184,44 @@ def test_serving_on_bf16_units_gives_the_int8_kernels_outputs(bits, monkeypatch)
     outs[fast] = jax.jit(layer.apply)(qv, x)
   np.testing.assert_array_equal(outs[True], outs[False])
   assert float(jnp.abs(outs[True]).max()) > 0
+
+
+ATTENTION = {
+  "dynamic_per_token": QuantConfig(None, 8, **DYNAMIC),
+  "observer": QuantConfig(None, 8),
+  "lsq": QuantConfig(None, 8, method="lsq"),
+}
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_products_train_with_the_integer_models_output(name, unit):
+  """Attention's q.k and p.v (activation x activation) take the same integer forward."""
+  attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)
+  x = jax.random.normal(jax.random.key(5), (2, 6, 16))
+  qm = qatjax.quantize_model(attn, {"query|key|value|out": None, ".*": ATTENTION[name]})
+  v = jax.jit(qm.init)(jax.random.key(6), x)
+  if "quant_stats" in v and name == "observer":
+    _, stats = qm.apply(v, x, mutable=["quant_stats"])
+    v = {**v, **stats}
+  y_int = jax.jit(qm.apply)(qatjax.convert(qm, v, x), x)
+  with qatjax.qat_forward("integer"):
+    y_train = jax.jit(qm.apply)(v, x)
+  if name == "dynamic_per_token":
+    # The same integers; the two compiled programs round the per-row rescaling and the softmax
+    # after it differently (observed: up to 1e-5 relative; the cause is not isolated).
+    np.testing.assert_allclose(y_train, y_int, rtol=3e-5, atol=1e-6)
+  else:
+    np.testing.assert_array_equal(y_train, y_int)
+
+  c = jax.random.normal(jax.random.key(7), y_int.shape)
+
+  def grads(mode):
+    def loss(params, x):
+      return jnp.sum(c * qm.apply({**v, "params": params}, x))
+
+    with qatjax.qat_forward(mode):
+      return jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+
+  # q.k's value feeds the softmax, whose cotangent then differs by the forward's float rounding.
+  got, want = grads("integer"), grads("fake_quant")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, want)

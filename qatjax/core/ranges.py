@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 EPS = 2.0**-23  # float32 machine epsilon; PyTorch's observer eps.
 
@@ -50,6 +51,10 @@ def qrange(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[int
   return 0, 2**bits - 1 - int(narrow)
 
 
+def _reciprocal(steps) -> np.float32:
+  return np.float32(1.0) / np.float32(steps)
+
+
 def scale_zero_point(min_val, max_val, qmin: int, qmax: int, *, symmetric: bool, eps: float = EPS):
   """Scale and zero point that map ``[min_val, max_val]`` onto ``[qmin, qmax]``.
 
@@ -81,12 +86,14 @@ def scale_zero_point(min_val, max_val, qmin: int, qmax: int, *, symmetric: bool,
   check_qrange(qmin, qmax)
   min_neg = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
   max_pos = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
+  # Multiplying by the float32 reciprocal of the step count (what XLA makes of a division by a
+  # constant in a compiled program anyway) gives every program, compiled or eager, one value.
   if symmetric:
-    scale = jnp.maximum(-min_neg, max_pos) / ((qmax - qmin) / 2)
+    scale = jnp.maximum(-min_neg, max_pos) * _reciprocal((qmax - qmin) / 2)
     scale = jnp.maximum(scale, eps)
     zp = 0 if qmin < 0 else (qmin + qmax + 1) // 2
     zero_point = jnp.full_like(scale, zp)
   else:
-    scale = jnp.maximum((max_pos - min_neg) / (qmax - qmin), eps)
+    scale = jnp.maximum((max_pos - min_neg) * _reciprocal(qmax - qmin), eps)
     zero_point = jnp.clip(qmin - jnp.round(min_neg / scale), qmin, qmax)
   return scale, zero_point

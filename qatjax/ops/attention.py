@@ -19,15 +19,19 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from qatjax.core.config import ActQuant
+from qatjax.core.exact_dot import int_dot_general
 from qatjax.core.int_kernels import DotLayout, quantize_input_int8
 from qatjax.ops.act_quantizers import (
-  quantize_act,
+  act_params,
+  act_state,
+  apply_act,
   record_act,
   serving_act_params,
 )
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.einsum import plan_einsum
+from qatjax.ops.product import integer_forward, integer_unit
 from qatjax.ops.registry import ATTENTION_MARKER
 
 
@@ -61,25 +65,57 @@ def act_einsum(
       y = _serve(ctx, a, b, dims, act_q, sites)
   else:
     with op_scope(describe(None, act_q) + " act x act"):
-      enabled, observe = flags(ctx)
-      a, pa = quantize_act(ctx, a, act_q, enabled, observe, sites[0], dims[0][0])
-      b, pb = quantize_act(ctx, b, act_q, enabled, observe, sites[1], dims[0][1])
-      if ctx.recording:
-        ctx.record(ATTENTION_MARKER, jnp.bool_(True))
-        record_act(ctx, pa, sites[0])
-        record_act(ctx, pb, sites[1])
-      a, b = promote_dtype(a, b, dtype=dtype)
-      y = lax.dot_general(a, b, dims, precision=precision)
+      y = _train(ctx, a, b, dims, act_q, sites, precision, dtype)
   return y if plan.out_perm is None else lax.transpose(y, plan.out_perm)
 
 
-def _serve(ctx, a, b, dims, act_q: ActQuant, sites):
-  """The int8 x int8 -> int32 product with both zero-point corrections, rescaled."""
+def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
+  """Both operands fake-quantized, then multiplied; or, where ``qat_forward`` says so, the
+  forward value of :func:`_int_product` (the converted model's) with the fake quantization's
+  gradients."""
+  enabled, observe = flags(ctx)
   (lc, rc), _ = dims
-  (sa, za), (sb, zb) = (
-    serving_act_params(ctx, a, act_q, sites[0], lc),
-    serving_act_params(ctx, b, act_q, sites[1], rc),
-  )
+  state_a = act_state(ctx, a, act_q, observe, sites[0], lc)
+  state_b = act_state(ctx, b, act_q, observe, sites[1], rc)
+  pa, pb = act_params(act_q, state_a), act_params(act_q, state_b)
+  if ctx.recording:
+    ctx.record(ATTENTION_MARKER, jnp.bool_(True))
+    record_act(ctx, pa, sites[0])
+    record_act(ctx, pb, sites[1])
+
+  def product(a, b, state_a, state_b, enabled):
+    a, b = apply_act(a, act_q, state_a, enabled), apply_act(b, act_q, state_b, enabled)
+    a, b = promote_dtype(a, b, dtype=dtype)
+    return lax.dot_general(a, b, dims, precision=precision)
+
+  f32 = jnp.dtype(jnp.float32)
+  amax = max(abs(q - (128 if act_q.qmax > 127 else 0)) for q in (act_q.qmin, act_q.qmax))
+  k = math.prod(a.shape[d] for d in lc)
+  unit = integer_unit(k, amax, amax, grouped=False)
+  if unit is None or jnp.result_type(a, b) != f32 or (dtype is not None and dtype != f32):
+    return product(a, b, state_a, state_b, enabled)
+
+  def integer(a, b, state_a, state_b):
+    pa, pb = act_params(act_q, state_a), act_params(act_q, state_b)
+    params = ((pa.scale, pa.zero_point), (pb.scale, pb.zero_point))
+    return _int_product(a, b, dims, act_q, *params, unit == "bf16"), pa.ready & pb.ready
+
+  return integer_forward(product, integer, a, b, state_a, state_b, enabled)
+
+
+def _serve(ctx, a, b, dims, act_q: ActQuant, sites):
+  """The integer product with the serving scales (frozen, or dynamic from each operand)."""
+  (lc, rc), _ = dims
+  params_a = serving_act_params(ctx, a, act_q, sites[0], lc)
+  params_b = serving_act_params(ctx, b, act_q, sites[1], rc)
+  return _int_product(a, b, dims, act_q, params_a, params_b, bf16=False)
+
+
+def _int_product(a, b, dims, act_q: ActQuant, params_a, params_b, bf16):
+  """The int8 x int8 -> int32 product with both zero-point corrections, rescaled (``bf16``: the
+  int32 sums computed exactly on bfloat16 units, :mod:`qatjax.core.exact_dot`)."""
+  (lc, _), _ = dims
+  (sa, za), (sb, zb) = params_a, params_b
   qa, za = quantize_input_int8(a, sa, za, act_q.qmin, act_q.qmax)
   qb, zb = quantize_input_int8(b, sb, zb, act_q.qmin, act_q.qmax)
   dl = DotLayout.of(a.shape, b.shape, dims)
@@ -89,7 +125,7 @@ def _serve(ctx, a, b, dims, act_q: ActQuant, sites):
   if zb.ndim:
     zb, sb = jnp.swapaxes(zb, 1, 2), jnp.swapaxes(sb, 1, 2)  # (B, 1, N)
   k = math.prod(a.shape[d] for d in lc)
-  acc = lax.dot_general(a3, b3, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)
+  acc = int_dot_general(a3, b3, (((2,), (2,)), ((0,), (0,))), bf16=bf16)
   sum_a = jnp.sum(a3.astype(jnp.int32), axis=2, keepdims=True)  # (B, M, 1)
   sum_b = jnp.swapaxes(jnp.sum(b3.astype(jnp.int32), axis=2, keepdims=True), 1, 2)  # (B, 1, N)
   acc = acc - za * sum_b - zb * sum_a + k * za * zb

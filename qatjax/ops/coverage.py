@@ -25,9 +25,10 @@ MATMUL_PRIMITIVES = {
   "gather": "gather",
 }
 _SCOPE = "qatjax["
-# Ops a quantized op keeps only as a fallback for a disabled layer (the fake-quant product next
-# to the integer forward, qatjax.ops.product.integer_forward) are not sites of their own.
-FALLBACK_SCOPE = "qatjax_fallback"
+# Ops a quantized op runs besides its product are not sites of their own: the fallback for a
+# disabled layer (the fake-quant product next to the integer forward,
+# qatjax.ops.product.integer_forward) and the integer forward's zero-point column sums.
+AUXILIARY_SCOPE = "qatjax_auxiliary"
 
 
 def describe(weight_q: WeightQuant | None, act_q: ActQuant | None, integer: bool = False) -> str:
@@ -108,7 +109,7 @@ def scan_jaxpr(jaxpr, module_paths, resolve: Callable[[list[str]], str] | None =
   def walk(j, prefix):
     for eqn in j.eqns:
       stack = prefix + [x for x in str(eqn.source_info.name_stack).split("/") if x]
-      if FALLBACK_SCOPE in stack:
+      if AUXILIARY_SCOPE in stack:
         continue
       op = MATMUL_PRIMITIVES.get(eqn.primitive.name)
       if op is not None:

@@ -14,6 +14,7 @@ One op serves ``Dense``, ``DenseGeneral`` (kernels of any rank) and ``Embed.atte
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
@@ -36,7 +37,7 @@ from qatjax.ops.act_quantizers import (
   serving_dtype,
 )
 from qatjax.ops.context import QuantContext, flags
-from qatjax.ops.coverage import describe, op_scope
+from qatjax.ops.coverage import AUXILIARY_SCOPE, describe, op_scope
 from qatjax.ops.product import integer_forward, integer_unit, quantized_product
 from qatjax.ops.weight_quantizers import (
   weight_integers,
@@ -261,5 +262,6 @@ def _column_sums(q, dims, bf16):
   if rb:
     return jnp.sum(q.astype(jnp.int32), axis=rc, keepdims=True)
   ones = jnp.ones([q.shape[a] for a in rc], jnp.int8)
-  sums = int_dot_general(ones, q, ((tuple(range(len(rc))), rc), ((), ())), bf16=bf16)
+  with jax.named_scope(AUXILIARY_SCOPE):  # not a site of its own (coverage)
+    sums = int_dot_general(ones, q, ((tuple(range(len(rc))), rc), ((), ())), bf16=bf16)
   return sums.reshape([1 if a in rc else d for a, d in enumerate(q.shape)])

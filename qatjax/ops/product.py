@@ -25,7 +25,7 @@ from qatjax.core.exact_dot import bf16_matmul_fast, exact_in_bf16
 from qatjax.ops.act_quantizers import (
   apply_act,
 )
-from qatjax.ops.coverage import FALLBACK_SCOPE
+from qatjax.ops.coverage import AUXILIARY_SCOPE
 from qatjax.ops.weight_quantizers import (
   WeightLayout,
   apply_weight,
@@ -97,7 +97,7 @@ def integer_forward(
     y, ready = integer(lhs, rhs, act_state, weight_state)
 
     def fake():
-      with jax.named_scope(FALLBACK_SCOPE):  # not a site of its own (coverage)
+      with jax.named_scope(AUXILIARY_SCOPE):  # not a site of its own (coverage)
         return product(lhs, rhs, act_state, weight_state, enabled)
 
     return lax.cond(enabled & ready, lambda: y.astype(jnp.result_type(lhs, rhs)), fake)
