@@ -33,3 +33,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "examples"))
 def _doctest_namespace(doctest_namespace):
   doctest_namespace.update({name: getattr(qatjax, name) for name in qatjax.__all__})
   doctest_namespace.update(jax=jax, jnp=jnp, qatjax=qatjax)
+
+
+@pytest.fixture(autouse=True)
+def _training_forward_as_without_bf16_units(monkeypatch):
+  """Tests trace training programs as on a CPU without bfloat16 matrix units (where
+  ``qat_forward("auto")`` keeps the fake-quant product for W8A8 dots and the integer forward for
+  int4 groups), whatever the test machine has: the integer forward's programs are larger and
+  compile 20-30% slower, and most tests are about something else. tests/test_integer_forward.py
+  runs the integer forward on both units explicitly (its fixtures patch this back)."""
+  from qatjax.ops import product
+
+  monkeypatch.setattr(product, "bf16_matmul_fast", lambda: False)
