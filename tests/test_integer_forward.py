@@ -59,6 +59,16 @@ def _state(layer):
   return v
 
 
+def _linear_loss_grads(model, v, x, c, mode):
+  """Gradients of ``sum(c * model(x))`` to the parameters and ``x``, traced under ``mode``."""
+
+  def loss(params, x):
+    return jnp.sum(c * model.apply({**v, "params": params}, x))
+
+  with qatjax.qat_forward(mode):
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+
+
 def _apply(layer, v, mode):
   with qatjax.qat_forward(mode):
     return jax.jit(layer.apply)(v, X)  # a new jit per call: traced under this mode
@@ -93,14 +103,7 @@ def test_gradients_are_the_fake_quant_estimators(config):
   # two paths round differently.
   c = jax.random.normal(jax.random.key(3), (2, 8, 48))
 
-  def grads(mode):
-    def loss(params, x):
-      return jnp.sum(c * layer.apply({**v, "params": params}, x))
-
-    with qatjax.qat_forward(mode):
-      return jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], X)
-
-  got, want = grads("integer"), grads("fake_quant")
+  got, want = (_linear_loss_grads(layer, v, X, c, mode) for mode in ("integer", "fake_quant"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
   assert float(jnp.abs(got[1]).sum()) > 0  # the input gradient flows (STE)
 
@@ -219,13 +222,6 @@ def test_attention_products_train_with_the_integer_models_output(name, unit):
 
   c = jax.random.normal(jax.random.key(7), y_int.shape)
 
-  def grads(mode):
-    def loss(params, x):
-      return jnp.sum(c * qm.apply({**v, "params": params}, x))
-
-    with qatjax.qat_forward(mode):
-      return jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
-
   # q.k's value feeds the softmax, whose cotangent then differs by the forward's float rounding.
-  got, want = grads("integer"), grads("fake_quant")
+  got, want = (_linear_loss_grads(qm, v, x, c, mode) for mode in ("integer", "fake_quant"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, want)

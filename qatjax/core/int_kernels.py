@@ -24,9 +24,20 @@ from qatjax.core.exact_dot import bf16_matmul_fast, exact_in_bf16, int_dot_gener
 from qatjax.core.qarray import storage_bits, unpack_bits
 
 
+def _int8_shift(qmax: int) -> int:
+  """What :func:`quantize_input_int8` subtracts to bring ``[qmin, qmax]`` into int8."""
+  return 128 if qmax > 127 else 0
+
+
+def int8_input_magnitude(qmin: int, qmax: int) -> int:
+  """The largest ``|qx|`` :func:`quantize_input_int8` produces for the range ``[qmin, qmax]``."""
+  shift = _int8_shift(qmax)
+  return max(abs(qmin - shift), abs(qmax - shift))
+
+
 def quantize_input_int8(x, scale, zero_point, qmin: int, qmax: int):
   """Quantizes ``x`` to int8 for an integer kernel: returns ``(qx, zx)`` with ``zx`` int32."""
-  shift = 128 if qmax > 127 else 0
+  shift = _int8_shift(qmax)
   q = jnp.clip(jnp.round(x.astype(jnp.float32) * (1.0 / scale)) + zero_point, qmin, qmax)
   return (q - shift).astype(jnp.int8), (jnp.asarray(zero_point) - shift).astype(jnp.int32)
 

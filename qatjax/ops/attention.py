@@ -20,7 +20,7 @@ from jax import lax
 
 from qatjax.core.config import ActQuant
 from qatjax.core.exact_dot import int_dot_general
-from qatjax.core.int_kernels import DotLayout, quantize_input_int8
+from qatjax.core.int_kernels import DotLayout, int8_input_magnitude, quantize_input_int8
 from qatjax.ops.act_quantizers import (
   act_params,
   act_state,
@@ -89,7 +89,7 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
     return lax.dot_general(a, b, dims, precision=precision)
 
   f32 = jnp.dtype(jnp.float32)
-  amax = max(abs(q - (128 if act_q.qmax > 127 else 0)) for q in (act_q.qmin, act_q.qmax))
+  amax = int8_input_magnitude(act_q.qmin, act_q.qmax)
   k = math.prod(a.shape[d] for d in lc)
   unit = integer_unit(k, amax, amax, grouped=False)
   if unit is None or jnp.result_type(a, b) != f32 or (dtype is not None and dtype != f32):

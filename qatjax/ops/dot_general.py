@@ -23,6 +23,7 @@ from qatjax.core.config import ActQuant, WeightQuant
 from qatjax.core.exact_dot import contracted_length, int_dot_general
 from qatjax.core.int_kernels import (
   DotLayout,
+  int8_input_magnitude,
   int_matmul,
   int_matmul_grouped,
   int_matmul_nk,
@@ -159,8 +160,7 @@ def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout) -> 
     and (dtype is None or jnp.dtype(dtype) == f32)
   ):
     return None
-  shift = 128 if act_q.qmax > 127 else 0  # quantize_input_int8's int8 range
-  amax_lhs = max(abs(act_q.qmin - shift), abs(act_q.qmax - shift))
+  amax_lhs = int8_input_magnitude(act_q.qmin, act_q.qmax)
   amax_rhs = max(abs(weight_q.qmin), abs(weight_q.qmax))
   k = contracted_length(rhs.shape, dims[0][1])
   return integer_unit(k, amax_lhs, amax_rhs, grouped=layout.group_size is not None)
