@@ -24,7 +24,7 @@ demo: $(DEMO_STAMP)
 	$(PY) examples/mnist_qat.py $(DEMO_ARGS)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist worksteal
 
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check .

@@ -1,13 +1,18 @@
 """Fake-quant kernel cost: jitted forward + backward against its memory bound.
 
 Each kernel is timed as one jitted function that runs the forward pass and applies a cotangent
-through ``jax.vjp``, returning ``y`` and ``dx`` (and, for LSQ, the scale gradient), on a (2048,
-2048) float32 array (N = 4M elements). Its bound is the time to move the bytes a forward +
+through ``jax.vjp``, returning ``y`` and ``dx`` (and, for LSQ, the scale gradient), on a (4096,
+4096) float32 array (N = 16M elements). Its bound is the time to move the bytes a forward +
 backward pass must move at the bandwidth of a jitted copy of the same array (``x * 1.0``: read
 4N bytes, write 4N) measured in the same run: read ``x``, write ``y``, read what the backward
 needs of the forward (a 1-byte in-range mask for the clipped STE; ``x`` again for LSQ, whose scale
 gradient needs ``round(x / s) - x / s``), read ``dy``, write ``dx``: 17N bytes for ``fake_quant``,
 20N for ``lsq_fake_quant``. Goal: every kernel within 1.25x of its bound.
+
+The default array, (4096, 4096) float32 (64 MiB), is larger than the last-level cache of the CPUs
+this project runs on (32 MiB): with a (2048, 2048) array (16 MiB) the copy's source and
+destination fit in the cache together, its "bandwidth" is the cache's, and the reference row
+(two arrays copied, 16 bytes per element, whose traffic does not fit) came out 1.7x its bound.
 
 Usage: python benchmarks/bench_fake_quant.py [--repeats N] [--size N]
 
@@ -89,7 +94,7 @@ def _fusions(fn, args):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--repeats", type=int, default=100, help="timed runs per kernel (median)")
-  p.add_argument("--size", type=int, default=2048, help="the array is (size, size) float32")
+  p.add_argument("--size", type=int, default=4096, help="the array is (size, size) float32")
   p.add_argument("--out", default=str(HERE / "results"), help="folder for the result files")
   args = p.parse_args()
 

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -100,18 +101,18 @@ def rules_for(cfg: QuantConfig):
   return {r"Embed_\d+": EMBED, ".*": cfg}
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one program per model (PTQ, QAT, QAT+KD share)
+def _loss_sum(model, v, x, y):
+  logits = model.apply(v, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+
+
 def perplexity(model, variables, data, batch_size) -> float:
   """``exp`` of the mean next-byte cross-entropy over every window of ``data``."""
-
-  @jax.jit
-  def loss_sum(v, x, y):
-    logits = model.apply(v, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
-
   x, y = data
   n = len(x) - len(x) % batch_size
   total = sum(
-    float(loss_sum(variables, x[i : i + batch_size], y[i : i + batch_size]))
+    float(_loss_sum(model, variables, x[i : i + batch_size], y[i : i + batch_size]))
     for i in range(0, n, batch_size)
   )
   return float(np.exp(total / (n * x.shape[1])))

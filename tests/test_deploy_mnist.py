@@ -1,7 +1,7 @@
 """Integer inference on real data: QAT-train small image models briefly, convert, compare.
 
 Runs on scikit-learn's digits (shipped with the package: every checkout runs it) and on the
-10,000 MNIST test images when the IDX files are in ../shared (skipped otherwise). What is
+first 2,000 MNIST test images when the IDX files are in ../shared (skipped otherwise). What is
 measured: the integer model (``model.apply(qvars, x)``) against the fake-quant QAT model it was
 converted from, and the ONNX export in onnxruntime against the integer model. Both pairs compute
 the same integers except where an activation lies on a rounding boundary (float summation order
@@ -33,6 +33,7 @@ DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 # dataset -> images per architecture and passes over them: one short epoch of MNIST; digits is
 # small (1,348 training images), so a few passes.
 TRAINING = {"digits": ({"mlp": 1348, "cnn": 1348}, 8), "mnist": ({"mlp": 6000, "cnn": 3000}, 1)}
+TEST_IMAGES = {"digits": 449, "mnist": 2000}  # all of digits' test split; MNIST's first 2,000
 
 
 class MLP(nn.Module):
@@ -104,12 +105,13 @@ def test_integer_model_matches_fake_quant(dataset, arch, cfg):
   model = {"mlp": MLP, "cnn": CNN}[arch](cfg)
   n_train, passes = TRAINING[dataset.name]
   v = train(model, dataset, n_train[arch], passes)
-  x_test = jnp.asarray(dataset.x_test)
+  x_test = jnp.asarray(dataset.x_test[: TEST_IMAGES[dataset.name]])
+  y_test = dataset.y_test[: TEST_IMAGES[dataset.name]]
   qv = convert(JitApply(model), v, x_test[:8])
   y_fq = np.asarray(jax.jit(model.apply)(v, x_test))
   y_int = np.asarray(jax.jit(model.apply)(qv, x_test))
-  acc_fq = (y_fq.argmax(1) == dataset.y_test).mean()
-  acc_int = (y_int.argmax(1) == dataset.y_test).mean()
+  acc_fq = (y_fq.argmax(1) == y_test).mean()
+  acc_int = (y_int.argmax(1) == y_test).mean()
   apart = (y_fq.argmax(1) != y_int.argmax(1)).sum()
   steps = np.abs(y_fq - y_int).max() / output_step(qv, "QDense_1" if arch == "mlp" else "QDense_0")
   print(

@@ -10,6 +10,8 @@ Expected values: the converted model's outputs (bitwise), the gradients of the p
 path (``qat_forward("fake_quant")``) and int64 products computed by numpy.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,7 +56,7 @@ def _layers(config):
 def _state(layer):
   v = jax.jit(layer.init)(jax.random.key(0), X)
   if "quant_stats" in v:  # observers see the batch first
-    _, stats = layer.apply(v, X, mutable=["quant_stats"])
+    _, stats = jax.jit(functools.partial(layer.apply, mutable=["quant_stats"]))(v, X)
     v = {**v, **stats}
   return v
 
@@ -200,7 +202,11 @@ ATTENTION = {
 }
 
 
-@pytest.mark.parametrize("name", ATTENTION)
+@pytest.mark.parametrize(  # int8 products once: the kernel is _int_product's on both units
+  "name,unit",
+  [(name, "bf16") for name in ATTENTION] + [("observer", "int8")],
+  indirect=["unit"],
+)
 def test_attention_products_train_with_the_integer_models_output(name, unit):
   """Attention's q.k and p.v (activation x activation) take the same integer forward."""
   attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)
@@ -208,7 +214,7 @@ def test_attention_products_train_with_the_integer_models_output(name, unit):
   qm = qatjax.quantize_model(attn, {"query|key|value|out": None, ".*": ATTENTION[name]})
   v = jax.jit(qm.init)(jax.random.key(6), x)
   if "quant_stats" in v and name == "observer":
-    _, stats = qm.apply(v, x, mutable=["quant_stats"])
+    _, stats = jax.jit(functools.partial(qm.apply, mutable=["quant_stats"]))(v, x)
     v = {**v, **stats}
   y_int = jax.jit(qm.apply)(qatjax.convert(qm, v, x), x)
   with qatjax.qat_forward("integer"):

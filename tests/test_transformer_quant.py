@@ -91,11 +91,11 @@ def test_catch_all_rule_quantizes_every_matmul_and_the_integer_model_matches(lm)
   assert set(v) == {"params", "quant_stats"}  # dynamic activations keep no statistics
   stats = jax.tree_util.tree_leaves_with_path(v["quant_stats"])
   assert {jax.tree_util.keystr(p).rsplit("'", 2)[-2] for p, _ in stats} == {"enabled", "observe"}
-  y_fq = qm.apply(v, IDS)
+  y_fq = jax.jit(qm.apply)(v, IDS)
   qv = qatjax.convert(qm, v, IDS)
-  y_int = qm.apply(qv, IDS)
+  y_int = jax.jit(qm.apply)(qv, IDS)
   np.testing.assert_allclose(y_int, y_fq, rtol=1e-5, atol=1e-5)
-  assert float(jnp.abs(y_fq - model.apply(fv, IDS)).max()) > 1e-3  # quantization is on
+  assert float(jnp.abs(y_fq - jax.jit(model.apply)(fv, IDS)).max()) > 1e-3  # quantization is on
   converted = qatjax.coverage(qm, IDS, variables=qv)
   assert converted.fraction == 1.0
   # Every site serves integers: 9 matmuls and the 2 lookups of int4 rows.

@@ -6,7 +6,7 @@ import jax
 from flax import traverse_util
 
 from qatjax.core.qarray import QArray
-from qatjax.model.from_float import no_quantized_layer
+from qatjax.model.from_float import compiled_apply, no_quantized_layer
 from qatjax.model.observers import warn_stale_observers
 from qatjax.model.sharding import place_like_weight
 from qatjax.ops.registry import (
@@ -90,7 +90,7 @@ def convert(model, variables, *args, **kwargs) -> dict:
     True
   """
   variables = dict(variables)
-  _, recorded = model.apply(variables, *args, mutable=[RECORD], **kwargs)
+  recorded = compiled_apply(model, variables, args, kwargs, mutable=[RECORD])[1]
   record = _flat(recorded.get(RECORD, {}))
   if not record and STATS not in variables:
     converted = any(

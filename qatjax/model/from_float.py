@@ -72,21 +72,28 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
     for path in want:
       if path not in have and not is_quantizer_param(path.rsplit("/", 1)[-1]):
         raise ValueError(f"from_float: the float variables lack {col}/{path} (missing path)")
-  # Jitted: one compilation is much faster than running every quantizer's init eagerly.
-  is_array = [isinstance(a, (jax.Array, np.ndarray)) for a in args]
-
-  def init_quantizers(cols, arrays, key):
-    it = iter(arrays)
-    full = [next(it) if arr else a for a, arr in zip(args, is_array)]
-    return qmodel.apply(cols, *full, rngs={"params": key}, mutable=list(ref), **kwargs)[1]
-
-  arrays = [a for a, arr in zip(args, is_array) if arr]
-  new = jax.jit(init_quantizers)(float_cols, arrays, rng)
+  new = compiled_apply(qmodel, float_cols, args, kwargs, rngs={"params": rng}, mutable=list(ref))[1]
   out = {c: new[c] for c in ref if c in new}
   for col, tree in float_cols.items():
     out[col] = traverse_util.unflatten_dict({**_flat_paths(new[col]), **_flat_paths(tree)}, sep="/")
   out[STATS] = _record_counts(out[STATS])
   return out
+
+
+def compiled_apply(model, variables, args, kwargs, **apply_kwargs):
+  """``model.apply(variables, *args, **kwargs, **apply_kwargs)`` as one compiled program: much
+  faster than running every quantized op eagerly (a small transformer's ``convert``: about 1 s
+  instead of 14 s). Array arguments are traced; other arguments and ``kwargs`` are constants."""
+  is_array = [isinstance(a, (jax.Array, np.ndarray)) for a in args]
+  traced = {k: v for k, v in apply_kwargs.items() if k == "rngs"}  # keys: traced, not constants
+  static = {k: v for k, v in apply_kwargs.items() if k != "rngs"}
+
+  def run(v, arrays, extra):
+    it = iter(arrays)
+    full = [next(it) if arr else a for a, arr in zip(args, is_array)]
+    return model.apply(v, *full, **kwargs, **extra, **static)
+
+  return jax.jit(run)(variables, [a for a, arr in zip(args, is_array) if arr], traced)
 
 
 def _record_counts(stats):
