@@ -176,6 +176,16 @@ def test_a_disabled_layer_is_the_float_layer():
     np.testing.assert_allclose(_apply(layer, off, "integer"), y_float, rtol=1e-6, atol=1e-6)
 
 
+def test_bfloat16_layers_keep_the_fake_quant_product():
+  """The integer kernels return float32: a layer computing in bfloat16 (its ``dtype``) trains
+  with the fake-quant product in bfloat16, whatever the mode."""
+  layer = QDense(48, dtype=jnp.bfloat16, config=CONFIGS["w8a8_observer"])
+  v = _state(layer)
+  y = _apply(layer, v, "integer")
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, _apply(layer, v, "fake_quant"))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_serving_on_bf16_units_gives_the_int8_kernels_outputs(bits, monkeypatch):
   """Converted dense layers with many rows compute their int32 sums on bfloat16 units where

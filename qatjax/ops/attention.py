@@ -31,7 +31,7 @@ from qatjax.ops.act_quantizers import (
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.einsum import plan_einsum
-from qatjax.ops.product import integer_forward, integer_unit
+from qatjax.ops.product import computes_in_float32, integer_forward, integer_unit
 from qatjax.ops.registry import ATTENTION_MARKER
 
 
@@ -88,11 +88,10 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
     a, b = promote_dtype(a, b, dtype=dtype)
     return lax.dot_general(a, b, dims, precision=precision)
 
-  f32 = jnp.dtype(jnp.float32)
   amax = int8_input_magnitude(act_q.qmin, act_q.qmax)
   k = math.prod(a.shape[d] for d in lc)
   unit = integer_unit(k, amax, amax, grouped=False)
-  if unit is None or jnp.result_type(a, b) != f32 or (dtype is not None and dtype != f32):
+  if unit is None or not computes_in_float32(a, b, dtype):
     return product(a, b, state_a, state_b, enabled)
 
   def integer(a, b, state_a, state_b):

@@ -39,7 +39,12 @@ from qatjax.ops.act_quantizers import (
 )
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import AUXILIARY_SCOPE, describe, op_scope
-from qatjax.ops.product import integer_forward, integer_unit, quantized_product
+from qatjax.ops.product import (
+  computes_in_float32,
+  integer_forward,
+  integer_unit,
+  quantized_product,
+)
 from qatjax.ops.weight_quantizers import (
   weight_integers,
   weight_layout,
@@ -149,15 +154,13 @@ def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout) -> 
   """Whether (and on which unit) training computes the forward value with the integer kernel
   (:func:`qatjax.ops.product.qat_forward`): float32 layers with ``lax.dot_general`` and both
   operands quantized to at most 8 bits (the kernels return float32)."""
-  f32 = jnp.dtype(jnp.float32)
   if not (
     weight_q is not None
     and act_q is not None
     and weight_q.bits <= 8
     and act_q.bits <= 8
     and float_dot is lax.dot_general
-    and jnp.result_type(lhs, rhs) == f32
-    and (dtype is None or jnp.dtype(dtype) == f32)
+    and computes_in_float32(lhs, rhs, dtype)
   ):
     return None
   amax_lhs = int8_input_magnitude(act_q.qmin, act_q.qmax)

@@ -165,6 +165,14 @@ def qat_forward(mode: str):
     _FORWARD.reset(token)
 
 
+def computes_in_float32(lhs, rhs, dtype) -> bool:
+  """Whether a layer with computation ``dtype`` (``None``: promoted from the operands) multiplies
+  ``lhs`` and ``rhs`` in float32, the integer kernels' output type: the integer forward's
+  precondition."""
+  f32 = jnp.dtype(jnp.float32)
+  return jnp.result_type(lhs, rhs) == f32 and (dtype is None or jnp.dtype(dtype) == f32)
+
+
 def integer_unit(k: int, amax_lhs: int, amax_rhs: int, grouped: bool) -> str | None:
   """The integer forward's matrix unit under the current :func:`qat_forward` mode: ``"bf16"``
   (exact bfloat16 products), ``"int8"``, or ``None`` (the fake-quant product) for a contraction
