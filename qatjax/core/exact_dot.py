@@ -65,9 +65,11 @@ def exact_in_bf16(k: int, amax_lhs: int, amax_rhs: int) -> bool:
   return max(amax_lhs, amax_rhs) <= 256 and k * amax_lhs * amax_rhs <= EXACT_LIMIT
 
 
-def int_dot_general(qx, qw, dimension_numbers, *, bf16: bool):
+def int_dot_general(qx, qw, dimension_numbers, *, bf16: bool, dtype=jnp.int32):
   """``lax.dot_general`` of two int8 arrays as int32: through bfloat16 (exact; see the module
-  docstring: the caller checks :func:`exact_in_bf16`) or as an int8 product.
+  docstring: the caller checks :func:`exact_in_bf16`) or as an int8 product. ``dtype=float32``
+  returns the same integers as float32 (the caller checks that they are below ``2**24``):
+  the bfloat16 product's own output, no conversion pass.
 
   Example:
     >>> import jax.numpy as jnp
@@ -79,14 +81,15 @@ def int_dot_general(qx, qw, dimension_numbers, *, bf16: bool):
     (Array([[-142]], dtype=int32), Array([[-142]], dtype=int32))
   """
   if not bf16:
-    return lax.dot_general(qx, qw, dimension_numbers, preferred_element_type=jnp.int32)
+    acc = lax.dot_general(qx, qw, dimension_numbers, preferred_element_type=jnp.int32)
+    return acc.astype(dtype)
   acc = lax.dot_general(
     qx.astype(jnp.bfloat16),
     qw.astype(jnp.bfloat16),
     dimension_numbers,
     preferred_element_type=jnp.float32,
   )
-  return acc.astype(jnp.int32)
+  return acc.astype(dtype)
 
 
 def contracted_length(shape, axes) -> int:
