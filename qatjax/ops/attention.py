@@ -97,7 +97,7 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
   def integer(a, b, state_a, state_b):
     pa, pb = act_params(act_q, state_a), act_params(act_q, state_b)
     params = ((pa.scale, pa.zero_point), (pb.scale, pb.zero_point))
-    return _int_product(a, b, dims, act_q, *params, unit == "bf16"), pa.ready & pb.ready
+    return lambda: _int_product(a, b, dims, act_q, *params, unit == "bf16"), pa.ready & pb.ready
 
   return integer_forward(product, integer, a, b, state_a, state_b, enabled)
 

@@ -133,19 +133,18 @@ def dot_general(
 
     def integer(lhs, rhs, a_state, w_state):
       act = act_params(act_q, a_state)
-      scale = weight_scale_used(weight_q, w_state)
-      q, stored_scale = weight_integers(rhs, scale, weight_q, layout)  # not packed
-      if layout.group_axis is None:
-        y = _int_channels(lhs, q, stored_scale, dims, act_q, act.scale, act.zero_point, bf16)
-        return y, act.ready
-      dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)
-      args = (
-        dl.rhs3(q),
-        dl.rhs_param(stored_scale),
-        layout.group_size,
-        rhs.shape[layout.group_axis],
-      )
-      return _int_groups(lhs, dl, *args, act_q, act.scale, act.zero_point, bf16), act.ready
+
+      def value():
+        scale = weight_scale_used(weight_q, w_state)
+        q, stored_scale = weight_integers(rhs, scale, weight_q, layout)  # not packed
+        if layout.group_axis is None:
+          return _int_channels(lhs, q, stored_scale, dims, act_q, act.scale, act.zero_point, bf16)
+        dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)
+        args = (dl.rhs3(q), dl.rhs_param(stored_scale), layout.group_size)
+        grouped_len = rhs.shape[layout.group_axis]
+        return _int_groups(lhs, dl, *args, grouped_len, act_q, act.scale, act.zero_point, bf16)
+
+      return value, act.ready
 
     return integer_forward(product, integer, lhs, rhs, a_state, w_state, enabled)
 

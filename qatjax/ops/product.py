@@ -76,17 +76,19 @@ def integer_forward(
 ):
   """The value of the converted model's integer arithmetic, the derivatives of ``product``.
 
-  ``integer(lhs, rhs, act_state, weight_state)`` returns ``(y, ready)``: what the integer kernel
-  computes from the same integers and scales, and whether the activation quantizer is set. While
-  the layer is enabled and ready the forward value is ``y``; otherwise (and always for the
-  derivatives: the straight-through estimators) it is ``product(lhs, rhs, act_state,
-  weight_state, enabled)``, the fake-quantized product, equal to ``y`` up to float rounding.
+  ``integer(lhs, rhs, act_state, weight_state)`` returns ``(value, ready)``: a function of no
+  arguments computing ``y``, what the integer kernel computes from the same integers and scales,
+  and whether the activation quantizer is set. While the layer is enabled and ready the forward
+  value is ``value()`` (traced inside the branch that returns it, so that its output is not
+  copied); otherwise (and always for the derivatives: the straight-through estimators) it is
+  ``product(lhs, rhs, act_state, weight_state, enabled)``, the fake-quantized product, equal to
+  ``y`` up to float rounding.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from qatjax.ops.product import integer_forward
     >>> fake = lambda x, w, a, s, e: jnp.round(x) * w           # a toy "fake-quant" product
-    >>> exact = lambda x, w, a, s: (jnp.round(x) * w + 1e-3, True)   # its "integer" twin
+    >>> exact = lambda x, w, a, s: (lambda: jnp.round(x) * w + 1e-3, True)   # its "integer" twin
     >>> f = lambda x: integer_forward(fake, exact, x, 2.0, None, None, True)
     >>> float(f(1.2)), float(jax.grad(f)(1.2))   # exact's value, fake's gradient (round: 0)
     (2.000999927520752, 0.0)
@@ -94,13 +96,16 @@ def integer_forward(
 
   @jax.custom_vjp
   def forward(lhs, rhs, act_state, weight_state, enabled):
-    y, ready = integer(lhs, rhs, act_state, weight_state)
+    value, ready = integer(lhs, rhs, act_state, weight_state)
+
+    def exact():  # computed in the branch: a value from outside would be copied (LM step: 3 ms)
+      return value().astype(jnp.result_type(lhs, rhs))
 
     def fake():
       with jax.named_scope(AUXILIARY_SCOPE):  # not a site of its own (coverage)
         return product(lhs, rhs, act_state, weight_state, enabled)
 
-    return lax.cond(enabled & ready, lambda: y.astype(jnp.result_type(lhs, rhs)), fake)
+    return lax.cond(enabled & ready, exact, fake)
 
   def forward_fwd(*args):
     _, backward = jax.vjp(product, *args)  # its forward value is unused (compiled away)
