@@ -80,20 +80,19 @@ def from_float(qmodel: nn.Module, float_variables, *args, rng=None, **kwargs) ->
   return out
 
 
-def compiled_apply(model, variables, args, kwargs, **apply_kwargs):
-  """``model.apply(variables, *args, **kwargs, **apply_kwargs)`` as one compiled program: much
-  faster than running every quantized op eagerly (a small transformer's ``convert``: about 1 s
-  instead of 14 s). Array arguments are traced; other arguments and ``kwargs`` are constants."""
+def compiled_apply(model, variables, args, kwargs, *, mutable, rngs=None):
+  """``model.apply(variables, *args, rngs=rngs, mutable=mutable, **kwargs)`` as one compiled
+  program: much faster than running every quantized op eagerly (a small transformer's
+  ``convert``: about 1 s instead of 14 s). Array arguments and ``rngs`` are traced; other
+  arguments and ``kwargs`` are constants."""
   is_array = [isinstance(a, (jax.Array, np.ndarray)) for a in args]
-  traced = {k: v for k, v in apply_kwargs.items() if k == "rngs"}  # keys: traced, not constants
-  static = {k: v for k, v in apply_kwargs.items() if k != "rngs"}
 
-  def run(v, arrays, extra):
+  def run(v, arrays, rngs):
     it = iter(arrays)
     full = [next(it) if arr else a for a, arr in zip(args, is_array)]
-    return model.apply(v, *full, **kwargs, **extra, **static)
+    return model.apply(v, *full, rngs=rngs, mutable=mutable, **kwargs)
 
-  return jax.jit(run)(variables, [a for a, arr in zip(args, is_array) if arr], traced)
+  return jax.jit(run)(variables, [a for a, arr in zip(args, is_array) if arr], rngs)
 
 
 def _record_counts(stats):

@@ -12,14 +12,12 @@ in int32 from int8 operands, with ``K`` the contraction length.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from qatjax.core.config import ActQuant
-from qatjax.core.exact_dot import int_dot_general
+from qatjax.core.exact_dot import contracted_length, int_dot_general
 from qatjax.core.int_kernels import DotLayout, int8_input_magnitude, quantize_input_int8
 from qatjax.ops.act_quantizers import (
   act_params,
@@ -77,11 +75,10 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
   (lc, rc), _ = dims
   state_a = act_state(ctx, a, act_q, observe, sites[0], lc)
   state_b = act_state(ctx, b, act_q, observe, sites[1], rc)
-  pa, pb = act_params(act_q, state_a), act_params(act_q, state_b)
   if ctx.recording:
     ctx.record(ATTENTION_MARKER, jnp.bool_(True))
-    record_act(ctx, pa, sites[0])
-    record_act(ctx, pb, sites[1])
+    record_act(ctx, act_params(act_q, state_a), sites[0])
+    record_act(ctx, act_params(act_q, state_b), sites[1])
 
   def product(a, b, state_a, state_b, enabled):
     a, b = apply_act(a, act_q, state_a, enabled), apply_act(b, act_q, state_b, enabled)
@@ -89,7 +86,7 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
     return lax.dot_general(a, b, dims, precision=precision)
 
   amax = int8_input_magnitude(act_q.qmin, act_q.qmax)
-  k = math.prod(a.shape[d] for d in lc)
+  k = contracted_length(a.shape, lc)
   unit = integer_unit(k, amax, amax, grouped=False)
   if unit is None or not computes_in_float32(a, b, dtype):
     return product(a, b, state_a, state_b, enabled)
@@ -123,7 +120,7 @@ def _int_product(a, b, dims, act_q: ActQuant, params_a, params_b, bf16):
   zb, sb = dl.rhs_param(zb), dl.rhs_param(sb)  # scalars or (B, N, 1)
   if zb.ndim:
     zb, sb = jnp.swapaxes(zb, 1, 2), jnp.swapaxes(sb, 1, 2)  # (B, 1, N)
-  k = math.prod(a.shape[d] for d in lc)
+  k = contracted_length(a.shape, lc)
   acc = int_dot_general(a3, b3, (((2,), (2,)), ((0,), (0,))), bf16=bf16)
   sum_a = jnp.sum(a3.astype(jnp.int32), axis=2, keepdims=True)  # (B, M, 1)
   sum_b = jnp.swapaxes(jnp.sum(b3.astype(jnp.int32), axis=2, keepdims=True), 1, 2)  # (B, 1, N)

@@ -140,9 +140,13 @@ def dot_general(
         if layout.group_axis is None:
           return _int_channels(lhs, q, stored_scale, dims, act_q, act.scale, act.zero_point, bf16)
         dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)
-        args = (dl.rhs3(q), dl.rhs_param(stored_scale), layout.group_size)
-        grouped_len = rhs.shape[layout.group_axis]
-        return _int_groups(lhs, dl, *args, grouped_len, act_q, act.scale, act.zero_point, bf16)
+        args = (
+          dl.rhs3(q),
+          dl.rhs_param(stored_scale),
+          layout.group_size,
+          rhs.shape[layout.group_axis],
+        )
+        return _int_groups(lhs, dl, *args, act_q, act.scale, act.zero_point, bf16)
 
       return value, act.ready
 
