@@ -3,9 +3,11 @@
 ``qatjax.qat_forward`` chooses the training forward of a ``dot_general`` whose weight and
 activation are quantized: the converted model's integer arithmetic (int8 products, or the same
 int32 sums computed exactly on bfloat16 units) or the fake-quantized float product. int4 groups
-with quantized activations always take the integer one (the grouped kernel rescales group by
-group, so only this keeps the converted model's outputs, and greedy decoding, identical); under
-``"auto"`` the others do where bfloat16 products are fast (x86 CPUs with ``avx512_bf16``).
+with quantized activations take the integer one where no derivative is taken (the grouped
+kernel rescales group by group, so only this keeps the converted model's outputs, and greedy
+decoding, identical); under ``"auto"`` the per-channel ones do where bfloat16 products are fast
+(x86 CPUs with ``avx512_bf16``), also in training; int4 groups and attention's products train
+on the fake-quant value there (faster).
 Expected values: the converted model's outputs (bitwise), the gradients of the pure fake-quant
 path (``qat_forward("fake_quant")``) and int64 products computed by numpy.
 """
@@ -121,6 +123,31 @@ def test_auto_takes_the_integer_forward_where_bf16_products_are_fast(fast, monke
     np.testing.assert_array_equal(y_auto, _apply(layer, v, "integer" if integer else "fake_quant"))
   # per-channel outputs of the two paths differ somewhere (else this test could not tell)
   assert not np.array_equal(_apply(layer, v, "integer"), _apply(layer, v, "fake_quant"))
+
+
+def _vjp_value(model, v, mode, x=X):
+  """The forward value a train step sees (``jax.vjp``'s primal output), traced under ``mode``."""
+  with qatjax.qat_forward(mode):
+    return jax.jit(lambda x: jax.vjp(lambda x: model.apply(v, x), x)[0])(x)
+
+
+def test_auto_trains_groups_on_the_fake_quant_value_and_evaluates_on_the_integer_one(monkeypatch):
+  monkeypatch.setattr(product, "bf16_matmul_fast", lambda: True)
+  for name in ("w4a8_dynamic_per_token", "w4a8_observer", "w8a8_observer"):
+    layer = QDense(48, config=CONFIGS[name])
+    v = _state(layer)
+    y_int, y_fake = _apply(layer, v, "integer"), _apply(layer, v, "fake_quant")
+    assert not np.array_equal(y_int, y_fake)  # else this test could not tell them apart
+    np.testing.assert_array_equal(_apply(layer, v, "auto"), y_int)  # evaluation: integer
+    grouped = name.startswith("w4a8")  # per channel: the integer value in training too
+    np.testing.assert_array_equal(_vjp_value(layer, v, "auto"), y_fake if grouped else y_int)
+    np.testing.assert_array_equal(_vjp_value(layer, v, "integer"), y_int)
+    np.testing.assert_array_equal(_vjp_value(layer, v, "fake_quant"), y_fake)
+
+
+def test_bad_integer_kernel_name_raises():
+  with pytest.raises(ValueError, match="kernel must be one of"):
+    product.integer_when_differentiated("grouped_int4")
 
 
 def test_unit_choice_follows_the_exactness_bound(monkeypatch):
@@ -241,3 +268,15 @@ def test_attention_products_train_with_the_integer_models_output(name, unit):
   # q.k's value feeds the softmax, whose cotangent then differs by the forward's float rounding.
   got, want = (_linear_loss_grads(qm, v, x, c, mode) for mode in ("integer", "fake_quant"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, want)
+
+  # "auto" evaluates with the integer value where the products are fast (here: bf16 said fast)
+  # and trains on the fake-quant one.
+  if unit == "bf16":
+    with qatjax.qat_forward("auto"):
+      y_auto = jax.jit(qm.apply)(v, x)
+    with qatjax.qat_forward("integer"):
+      np.testing.assert_array_equal(y_auto, jax.jit(qm.apply)(v, x))
+    with qatjax.qat_forward("fake_quant"):
+      y_fake = jax.jit(qm.apply)(v, x)
+    assert not np.array_equal(y_auto, y_fake)
+    np.testing.assert_array_equal(_vjp_value(qm, v, "auto", x), y_fake)

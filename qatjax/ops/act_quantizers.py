@@ -26,8 +26,6 @@ from qatjax.core.config import ActQuant
 from qatjax.core.fake_quant import (
   broadcast_fake_quant,
   clamp_scale,
-  fake_quant,
-  lsq_fake_quant,
   lsq_grad_scale,
   pact,
 )
@@ -119,17 +117,19 @@ def apply_act(x, spec: ActQuant, state: tuple, enabled):
   """Fake-quantizes ``x`` with the arrays :func:`act_state` gave (pure: no state changes);
   ``x`` itself while the layer is disabled or an observer has no range yet."""
   qmin, qmax = spec.qmin, spec.qmax
-  if spec.method == "dynamic":
-    return jnp.where(enabled, broadcast_fake_quant(x, *state, qmin, qmax), x)
+  if spec.method == "dynamic":  # x's own range
+    return broadcast_fake_quant(x, *state, qmin, qmax, covers_range=True, enabled=enabled)
   if spec.method == "pact":
     return jnp.where(enabled, pact(x, state[0], spec.bits), x)
   if spec.method == "lsq":
     per_example = x.size // x.shape[0] if x.ndim > 1 else x.size
     s, z = state
-    y = lsq_fake_quant(x, s, z, qmin, qmax, grad_scale=lsq_grad_scale(per_example, qmax))
-    return jnp.where(enabled, y, x)
+    grad_scale = lsq_grad_scale(per_example, qmax)
+    return broadcast_fake_quant(
+      x, s, z, qmin, qmax, learned=True, grad_scale=grad_scale, enabled=enabled
+    )
   s, z, ready = state
-  return jnp.where(enabled & ready, fake_quant(x, s, z, qmin, qmax), x)
+  return broadcast_fake_quant(x, s, z, qmin, qmax, enabled=enabled & ready)
 
 
 def act_params(spec: ActQuant, state: tuple) -> ActParams:

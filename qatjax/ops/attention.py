@@ -29,7 +29,12 @@ from qatjax.ops.act_quantizers import (
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.einsum import plan_einsum
-from qatjax.ops.product import computes_in_float32, integer_forward, integer_unit
+from qatjax.ops.product import (
+  computes_in_float32,
+  integer_forward,
+  integer_unit,
+  integer_when_differentiated,
+)
 from qatjax.ops.registry import ATTENTION_MARKER
 
 
@@ -96,7 +101,10 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
     params = ((pa.scale, pa.zero_point), (pb.scale, pb.zero_point))
     return lambda: _int_product(a, b, dims, act_q, *params, unit == "bf16"), pa.ready & pb.ready
 
-  return integer_forward(product, integer, a, b, state_a, state_b, enabled)
+  differentiated = integer_when_differentiated("act_x_act")
+  return integer_forward(
+    product, integer, a, b, state_a, state_b, enabled, differentiated=differentiated
+  )
 
 
 def _serve(ctx, a, b, dims, act_q: ActQuant, sites):

@@ -43,6 +43,7 @@ from qatjax.ops.product import (
   computes_in_float32,
   integer_forward,
   integer_unit,
+  integer_when_differentiated,
   quantized_product,
 )
 from qatjax.ops.weight_quantizers import (
@@ -150,7 +151,11 @@ def dot_general(
 
       return value, act.ready
 
-    return integer_forward(product, integer, lhs, rhs, a_state, w_state, enabled)
+    kernel = "per_channel" if layout.group_axis is None else "grouped"
+    differentiated = integer_when_differentiated(kernel)
+    return integer_forward(
+      product, integer, lhs, rhs, a_state, w_state, enabled, differentiated=differentiated
+    )
 
 
 def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout) -> str | None:

@@ -179,16 +179,16 @@ def weight_state(ctx: QuantContext, w, spec: WeightQuant, layout: WeightLayout, 
 
 def apply_weight(w, spec: WeightQuant, s, layout: WeightLayout, enabled):
   """Fake-quantizes ``w`` with :func:`weight_state`'s scale (pure); ``w`` while disabled."""
+  scale = _expand(s, layout)
   if spec.method == "lsq":
     grad_scale = lsq_grad_scale(layout.numel_per_scale, spec.qmax)
-    y = broadcast_fake_quant(
-      w, _expand(s, layout), None, spec.qmin, spec.qmax, learned=True, grad_scale=grad_scale
+    return broadcast_fake_quant(
+      w, scale, None, spec.qmin, spec.qmax, learned=True, grad_scale=grad_scale, enabled=enabled
     )
-  else:
-    y = broadcast_fake_quant(
-      w, _expand(s, layout), None, spec.qmin, spec.qmax, covers_range=_covers_range(spec)
-    )
-  return jnp.where(enabled, y, w)
+  covers = _covers_range(spec)
+  return broadcast_fake_quant(
+    w, scale, None, spec.qmin, spec.qmax, covers_range=covers, enabled=enabled
+  )
 
 
 def _covers_range(spec: WeightQuant) -> bool:
