@@ -44,6 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _malloc import fix_malloc_thresholds  # noqa: E402
 from _results import write_results  # noqa: E402
 
 from qatjax import QConv, QDense, QuantConfig  # noqa: E402
@@ -230,6 +231,7 @@ def main():
   p.add_argument("--hlo", action="store_true", help="also count fusions / convs / dots in HLO")
   p.add_argument("--out", default=str(HERE / "results"), help="folder for the result files")
   args = p.parse_args()
+  allocator = fix_malloc_thresholds()  # before the first step: see benchmarks/_malloc.py
 
   residuals = residual_rows(args.batch)
   rows = run(args.repeats, args.batch, args.warmup, args.hlo, args.steps)
@@ -246,6 +248,7 @@ def main():
     device=getattr(device, "device_kind", str(device)),
     cpu=platform.processor() or platform.machine(),
     cores=os.cpu_count(),
+    allocator=allocator,
     step="value_and_grad(softmax CE) + optax.adam, quant_stats mutable, jitted",
     goal="MLP observer <= 1.0x, LSQ <= 1.05x float32; CNN <= 1.0x; residuals <= 1.0x (CPU)",
   )
@@ -285,7 +288,8 @@ def main():
     f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
     f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
     f"cores), median over {args.repeats} interleaved rounds of {args.steps} consecutive "
-    f"steps (variants of one model interleaved). Goals: MLP observer <= 1.0x, LSQ <= 1.05x "
+    f"steps (variants of one model interleaved; {allocator}, see benchmarks/_malloc.py). "
+    "Goals: MLP observer <= 1.0x, LSQ <= 1.05x "
     "float32; CNN <= 1.0x. Residuals: bytes the step keeps for its backward pass (JAX's "
     "saved-residuals accounting), all of them and without the parameters (activations); "
     "goal <= 1.0x float32.",

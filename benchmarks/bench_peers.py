@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _malloc import fix_malloc_thresholds  # noqa: E402
 from _results import write_results  # noqa: E402
 
 AQT_CONV_NOTE = (
@@ -372,7 +373,7 @@ def bench_accuracy(
 # Report
 
 
-def machine_info():
+def machine_info(allocator: str = "default allocator"):
   def version(pkg):
     try:
       return importlib.metadata.version(pkg)
@@ -386,6 +387,7 @@ def machine_info():
     "processor": platform.processor() or platform.machine(),
     "cpu_count": os.cpu_count(),
     "jax_backend": jax.default_backend(),
+    "allocator": allocator,
     "devices": [str(d) for d in jax.devices()],
     "versions": {
       p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "qwix", "aqtp", "qatjax")
@@ -404,7 +406,8 @@ def render_markdown(res) -> str:
   v = m["versions"]
   out = [
     f"Measured {m['date']} on {m['cpu_count']} CPU core(s) ({m['jax_backend']}), jax "
-    f"{v['jax']}, flax {v['flax']}, qwix {v['qwix']}, aqtp {v['aqtp']}"
+    f"{v['jax']}, flax {v['flax']}, qwix {v['qwix']}, aqtp {v['aqtp']}; "
+    f"{m.get('allocator', 'default allocator')} (see benchmarks/_malloc.py)"
     + (" — **quick smoke mode, not representative**" if res["config"]["quick"] else "")
     + ".",
     "",
@@ -516,6 +519,7 @@ def main(argv=None):
     help="skip the float model fine-tuned for the QAT epochs (the fair float reference)",
   )
   args = p.parse_args(argv)
+  allocator = fix_malloc_thresholds()  # before the first step: see benchmarks/_malloc.py
 
   if args.quick:
     sched = {"mlp": (args.rounds or 2, args.steps or 2), "cnn": (args.rounds or 2, args.steps or 2)}
@@ -539,7 +543,7 @@ def main(argv=None):
     batch = 64
 
   res = {
-    "machine": machine_info(),
+    "machine": machine_info(allocator),
     "config": {
       "quick": args.quick,
       "warmup": warmup,
