@@ -153,16 +153,16 @@ def test_bad_integer_kernel_name_raises():
 def test_unit_choice_follows_the_exactness_bound(monkeypatch):
   monkeypatch.setattr(product, "bf16_matmul_fast", lambda: True)
   with qatjax.qat_forward("auto"):
-    assert product.integer_unit(1032, 128, 127, grouped=False) == "bf16"
-    assert product.integer_unit(1033, 128, 127, grouped=False) is None  # not exact: fake quant
+    assert product.integer_unit(1032, 128, 127, "per_channel") == "bf16"
+    assert product.integer_unit(1033, 128, 127, "per_channel") is None  # not exact: fake quant
   with qatjax.qat_forward("integer"):
-    assert product.integer_unit(1033, 128, 127, grouped=False) == "int8"
+    assert product.integer_unit(1033, 128, 127, "per_channel") == "int8"
   with qatjax.qat_forward("fake_quant"):
-    assert product.integer_unit(16, 128, 127, grouped=True) is None
+    assert product.integer_unit(16, 128, 127, "grouped") is None
   monkeypatch.setattr(product, "bf16_matmul_fast", lambda: False)
   with qatjax.qat_forward("auto"):
-    assert product.integer_unit(16, 128, 127, grouped=False) is None
-    assert product.integer_unit(16, 128, 7, grouped=True) == "int8"
+    assert product.integer_unit(16, 128, 127, "per_channel") is None
+    assert product.integer_unit(16, 128, 7, "grouped") == "int8"
 
 
 @pytest.mark.parametrize("k", [1032, 300])

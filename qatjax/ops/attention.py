@@ -92,7 +92,7 @@ def _train(ctx, a, b, dims, act_q: ActQuant, sites, precision, dtype):
 
   amax = int8_input_magnitude(act_q.qmin, act_q.qmax)
   k = contracted_length(a.shape, lc)
-  unit = integer_unit(k, amax, amax, grouped=False)
+  unit = integer_unit(k, amax, amax, "act_x_act")
   if unit is None or not computes_in_float32(a, b, dtype):
     return product(a, b, state_a, state_b, enabled)
 

@@ -127,7 +127,9 @@ def dot_general(
       # Recomputed in the backward pass: the layer keeps what the float layer keeps.
       return quantized_product(op, lhs, rhs, act_q, a_state, weight_q, w_state, layout, enabled)
 
-    unit = _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout)
+    grouped = layout is not None and layout.group_axis is not None
+    kernel = "grouped" if grouped else "per_channel"  # (no weight quantizer: no integer unit)
+    unit = _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, kernel)
     if unit is None:
       return product(lhs, rhs, a_state, w_state, enabled)
     bf16 = unit == "bf16"
@@ -151,14 +153,13 @@ def dot_general(
 
       return value, act.ready
 
-    kernel = "per_channel" if layout.group_axis is None else "grouped"
     differentiated = integer_when_differentiated(kernel)
     return integer_forward(
       product, integer, lhs, rhs, a_state, w_state, enabled, differentiated=differentiated
     )
 
 
-def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout) -> str | None:
+def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, kernel) -> str | None:
   """Whether (and on which unit) training computes the forward value with the integer kernel
   (:func:`qatjax.ops.product.qat_forward`): float32 layers with ``lax.dot_general`` and both
   operands quantized to at most 8 bits (the kernels return float32)."""
@@ -174,7 +175,7 @@ def _integer_unit(weight_q, act_q, lhs, rhs, dims, dtype, float_dot, layout) -> 
   amax_lhs = int8_input_magnitude(act_q.qmin, act_q.qmax)
   amax_rhs = max(abs(weight_q.qmin), abs(weight_q.qmax))
   k = contracted_length(rhs.shape, dims[0][1])
-  return integer_unit(k, amax_lhs, amax_rhs, grouped=layout.group_size is not None)
+  return integer_unit(k, amax_lhs, amax_rhs, kernel)
 
 
 def _record(ctx, lhs_shape, w, scale, weight_q, layout, dims, weight):

@@ -194,10 +194,21 @@ def computes_in_float32(lhs, rhs, dtype) -> bool:
   return jnp.result_type(lhs, rhs) == f32 and (dtype is None or jnp.dtype(dtype) == f32)
 
 
-def integer_unit(k: int, amax_lhs: int, amax_rhs: int, grouped: bool) -> str | None:
+INTEGER_KERNELS = ("per_channel", "grouped", "act_x_act")
+
+
+def _checked(kernel: str) -> str:
+  if kernel not in INTEGER_KERNELS:
+    raise ValueError(f"kernel must be one of {INTEGER_KERNELS}, got {kernel!r}")
+  return kernel
+
+
+def integer_unit(k: int, amax_lhs: int, amax_rhs: int, kernel: str) -> str | None:
   """The integer forward's matrix unit under the current :func:`qat_forward` mode: ``"bf16"``
-  (exact bfloat16 products), ``"int8"``, or ``None`` (the fake-quant product) for a contraction
-  of length ``k`` of integers of magnitude at most ``amax_lhs`` / ``amax_rhs``."""
+  (exact bfloat16 products), ``"int8"``, or ``None`` (the fake-quant product) for an integer
+  ``kernel`` in :data:`INTEGER_KERNELS` contracting ``k`` integers of magnitude at most
+  ``amax_lhs`` / ``amax_rhs``."""
+  grouped = _checked(kernel) == "grouped"
   mode = _FORWARD.get()
   if mode == "fake_quant":
     return None
@@ -205,9 +216,6 @@ def integer_unit(k: int, amax_lhs: int, amax_rhs: int, grouped: bool) -> str | N
   if mode == "integer" or grouped:
     return "bf16" if bf16 else "int8"
   return "bf16" if bf16 else None
-
-
-INTEGER_KERNELS = ("per_channel", "grouped", "act_x_act")
 
 
 def integer_when_differentiated(kernel: str) -> bool:
@@ -225,6 +233,4 @@ def integer_when_differentiated(kernel: str) -> bool:
     ...   integer_when_differentiated("per_channel"), integer_when_differentiated("grouped")
     (True, False)
   """
-  if kernel not in INTEGER_KERNELS:
-    raise ValueError(f"kernel must be one of {INTEGER_KERNELS}, got {kernel!r}")
-  return _FORWARD.get() == "integer" or kernel == "per_channel"
+  return _FORWARD.get() == "integer" or _checked(kernel) == "per_channel"
