@@ -115,6 +115,23 @@ class DotLayout:
     return y3.reshape(self.out_shape)
 
 
+def rescaled(v, factors):
+  """``v * (factors[0] * factors[1] * ...)``: an integer kernel's last step, one expression shared
+  by the converted model and the training forward (``qatjax.ops.product.integer_forward``), so
+  that XLA fuses it with what follows (e.g. a bias add, into a multiply-add) the same way in both.
+
+  Example:
+    >>> rescaled(jnp.array([2.0, 4.0]), (jnp.float32(0.5), jnp.array([1.0, 0.25])))
+    Array([1. , 0.5], dtype=float32)
+  """
+  if not factors:
+    return v
+  m = factors[0]
+  for f in factors[1:]:
+    m = m * f
+  return v * m
+
+
 def int_matmul(qx3, zx3, w3, kernel_sum3):
   """``(B, M, K) x (B, N, K) -> (B, M, N)`` int32, minus ``zx * kernel_sum``."""
   acc = lax.dot_general(qx3, w3, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.int32)

@@ -18,7 +18,12 @@ from jax import lax
 
 from qatjax.core.config import ActQuant
 from qatjax.core.exact_dot import contracted_length, int_dot_general
-from qatjax.core.int_kernels import DotLayout, int8_input_magnitude, quantize_input_int8
+from qatjax.core.int_kernels import (
+  DotLayout,
+  int8_input_magnitude,
+  quantize_input_int8,
+  rescaled,
+)
 from qatjax.ops.act_quantizers import (
   act_params,
   act_state,
@@ -112,12 +117,15 @@ def _serve(ctx, a, b, dims, act_q: ActQuant, sites):
   (lc, rc), _ = dims
   params_a = serving_act_params(ctx, a, act_q, sites[0], lc)
   params_b = serving_act_params(ctx, b, act_q, sites[1], rc)
-  return _int_product(a, b, dims, act_q, params_a, params_b, bf16=False)
+  y3, factors = _int_product(a, b, dims, act_q, params_a, params_b, bf16=False)
+  return DotLayout.of(a.shape, b.shape, dims).out(rescaled(y3, factors))
 
 
 def _int_product(a, b, dims, act_q: ActQuant, params_a, params_b, bf16):
-  """The int8 x int8 -> int32 product with both zero-point corrections, rescaled (``bf16``: the
-  int32 sums computed exactly on bfloat16 units, :mod:`qatjax.core.exact_dot`)."""
+  """The int8 x int8 -> int32 product with both zero-point corrections (``bf16``: the int32 sums
+  computed exactly on bfloat16 units, :mod:`qatjax.core.exact_dot`), in float32 on the
+  ``(B, M, N)`` view, and the factors that rescale it
+  (:func:`~qatjax.core.int_kernels.rescaled`)."""
   (lc, _), _ = dims
   (sa, za), (sb, zb) = params_a, params_b
   qa, za = quantize_input_int8(a, sa, za, act_q.qmin, act_q.qmax)
@@ -133,4 +141,4 @@ def _int_product(a, b, dims, act_q: ActQuant, params_a, params_b, bf16):
   sum_a = jnp.sum(a3.astype(jnp.int32), axis=2, keepdims=True)  # (B, M, 1)
   sum_b = jnp.swapaxes(jnp.sum(b3.astype(jnp.int32), axis=2, keepdims=True), 1, 2)  # (B, 1, N)
   acc = acc - za * sum_b - zb * sum_a + k * za * zb
-  return dl.out(acc.astype(jnp.float32) * (sa * sb))
+  return acc.astype(jnp.float32), (sa, sb)

@@ -28,6 +28,7 @@ from qatjax.core.int_kernels import (
   int_matmul_grouped,
   int_matmul_nk,
   quantize_input_int8,
+  rescaled,
 )
 from qatjax.core.qarray import QArray
 from qatjax.ops.act_quantizers import (
@@ -142,7 +143,7 @@ def dot_general(
         q, stored_scale = weight_integers(rhs, scale, weight_q, layout)  # not packed
         if layout.group_axis is None:
           return _int_channels(lhs, q, stored_scale, dims, act_q, act.scale, act.zero_point, bf16)
-        dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)
+        dl = DotLayout.of(lhs.shape, rhs.shape, dims, layout.group_axis)  # (value, factors):
         args = (
           dl.rhs3(q),
           dl.rhs_param(stored_scale),
@@ -207,18 +208,20 @@ def _serve_groups(lhs, qa: QArray, dims, act_q, scale, zero_point):
   """int8 activations x int4 groups -> int32 per group, rescaled (the W4A8 kernel)."""
   dl = DotLayout.of(lhs.shape, qa.shape, dims, qa.axis)
   w3, scale3 = _weight3(qa, dl), dl.rhs_param(qa.scale)
-  return _int_groups(
+  y3, factors = _int_groups(
     lhs, dl, w3, scale3, qa.group_size, qa.shape[qa.axis], act_q, scale, zero_point
   )
+  return dl.out(rescaled(y3, factors))
 
 
 def _int_groups(lhs, dl, w3, scale3, group_size, grouped_len, act_q, scale, zero_point, bf16=False):
   """The grouped kernel on the weight's int8 ``(B, N, K)`` view and its ``(B, N, G)`` scales
-  (``bf16``: the int32 products on bfloat16 units, exactly; see :mod:`qatjax.core.exact_dot`)."""
+  (``bf16``: the int32 products on bfloat16 units, exactly; see :mod:`qatjax.core.exact_dot`),
+  as ``(y3, factors)``: the ``(B, M, N)`` result is ``rescaled(y3, factors)``."""
   qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
   s, zx = dl.lhs_param(scale), dl.lhs_param(zx)  # scalars, or (B, M, 1) per token
   y3 = int_matmul_grouped(dl.lhs3(qx), zx, w3, scale3, group_size, grouped_len, bf16)
-  return dl.out(y3 * s)
+  return y3, (s,)
 
 
 def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
@@ -240,7 +243,7 @@ def _serve(ctx, lhs, qa: QArray, dims, act_q, weight, site):
     acc = int_matmul_nk(x3[0], zx2, qa.values, dl.n, dl.k, qa.bits, ks)[None]
   else:
     acc = int_matmul(x3, zx, _weight3(qa, dl), _per_column(ksum))
-  return _rescale(dl, acc, s, sw)
+  return dl.out(rescaled(*_rescale(acc, s, sw)))
 
 
 def _per_column(p):
@@ -248,15 +251,17 @@ def _per_column(p):
   return p if p.ndim == 0 else jnp.swapaxes(p, 1, 2)
 
 
-def _rescale(dl, acc, s, sw):
-  """The int32 ``(B, M, N)`` sums in float32, times the activation and weight scales."""
-  return dl.out(acc.astype(jnp.float32) * (s * _per_column(sw)))
+def _rescale(acc, s, sw):
+  """The int32 ``(B, M, N)`` sums in float32 and the factors that rescale them
+  (:func:`~qatjax.core.int_kernels.rescaled`): the activation and weight scales."""
+  return acc.astype(jnp.float32), (s, _per_column(sw))
 
 
 def _int_channels(lhs, q, stored_scale, dims, act_q, scale, zero_point, bf16):
   """:func:`_serve`'s arithmetic for the training forward: the same int32 sums (computed on the
-  weight in its own order: ``convert``'s stored order saves no transpose here) and rescaling,
-  hence bitwise the converted model's output."""
+  weight in its own order: ``convert``'s stored order saves no transpose here) and rescaling
+  factors, hence bitwise the converted model's output; ``(value, factors)`` as
+  :func:`_rescale`."""
   dl = DotLayout.of(lhs.shape, q.shape, dims)
   qx, zx = quantize_input_int8(lhs, scale, zero_point, act_q.qmin, act_q.qmax)
   q = q.astype(jnp.int8)
@@ -264,7 +269,7 @@ def _int_channels(lhs, q, stored_scale, dims, act_q, scale, zero_point, bf16):
   if not (act_q.symmetric and act_q.qmin < 0):  # signed symmetric: zero point 0, no correction
     ksum = dl.rhs_param(_column_sums(q, dims, bf16))
     acc = acc - dl.lhs_param(zx) * _per_column(ksum)
-  return _rescale(dl, acc, dl.lhs_param(scale), dl.rhs_param(stored_scale))
+  return _rescale(acc, dl.lhs_param(scale), dl.rhs_param(stored_scale))
 
 
 def _column_sums(q, dims, bf16):

@@ -10,6 +10,7 @@ quantizer state (``embedding_scale``), so both uses see one quantized table.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
@@ -19,9 +20,12 @@ from qatjax.ops import dot_general as dot
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
 from qatjax.ops.weight_quantizers import (
-  quantize_weight,
+  apply_weight,
+  weight_integers,
   weight_layout,
   weight_qarray,
+  weight_scale_used,
+  weight_state,
 )
 
 # The table's feature axis plays the contraction: scales are per row.
@@ -46,12 +50,20 @@ def embed_lookup(ctx: QuantContext, table, ids, weight_q: WeightQuant | None, *,
   with op_scope(describe(weight_q, None)):
     enabled, _ = flags(ctx)
     layout = weight_layout(weight_q, table.shape, TABLE_CONTRACT)
-    w = table
-    table, scale = quantize_weight(ctx, table, weight_q, enabled, layout, "embedding")
+    w_state = weight_state(ctx, table, weight_q, layout, "embedding")
     if ctx.recording:
-      ctx.record("embedding", weight_qarray(w, scale, weight_q, layout))
-    (table,) = promote_dtype(table, dtype=dtype, inexact=False)
-    return jnp.take(table, ids, axis=0)
+      scale = weight_scale_used(weight_q, w_state)
+      ctx.record("embedding", weight_qarray(table, scale, weight_q, layout))
+
+    def fake(ids, table, w_state, enabled):
+      table = apply_weight(table, weight_q, w_state, layout, enabled)
+      (table,) = promote_dtype(table, dtype=dtype, inexact=False)
+      return jnp.take(table, ids, axis=0)
+
+    served = layout.group_axis is None and table.dtype == jnp.float32
+    if not served or (dtype is not None and jnp.dtype(dtype) != jnp.float32):
+      return fake(ids, table, w_state, enabled)
+    return _lookup(fake, weight_q, layout, ids, table, w_state, enabled)
 
 
 def embed_attend(
@@ -72,9 +84,41 @@ def embed_attend(
   )
 
 
+def _lookup(fake, weight_q, layout, ids, table, w_state, enabled):
+  """Rows of the fake-quantized table, computed where no derivative is taken as the converted
+  model computes them (:func:`_scaled_rows`; gradients: ``fake``'s straight-through estimator).
+
+  ``fake``'s rows are the same numbers, but XLA:CPU contracts the serving multiply with a
+  following add (token + position embeddings) into one fused multiply-add: rows gathered from a
+  fake-quantized table would round that sum differently, and per-token requantization downstream
+  can turn the last bit into a quantization step (a different greedy token).
+  """
+
+  @jax.custom_vjp
+  def rows(ids, table, w_state, enabled):
+    q, stored_scale = weight_integers(table, weight_scale_used(weight_q, w_state), weight_q, layout)
+    # Disabled: the float table times one (exact), through the same multiply.
+    codes = jnp.where(enabled, q.astype(jnp.float32), table)
+    return _scaled_rows(codes, jnp.where(enabled, stored_scale, 1), ids)
+
+  def rows_fwd(*args):
+    return jax.vjp(fake, *args)
+
+  def rows_bwd(backward, cotangent):
+    return backward(cotangent)
+
+  rows.defvjp(rows_fwd, rows_bwd)
+  return rows(ids, table, w_state, enabled)
+
+
+def _scaled_rows(codes, scale, ids):
+  """``codes[ids] * scale[ids]`` with one scale per row (or one for the table), in float32."""
+  rows = jnp.take(codes, ids, axis=0).astype(jnp.float32)
+  scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
+  return rows * (jnp.take(scale, ids, axis=0)[..., None] if scale.ndim else scale)
+
+
 def _serve(qa: QArray, ids):
   if qa.group_size is None:
-    rows = jnp.take(qa.unpack(), ids, axis=0).astype(jnp.float32)
-    scale = qa.scale.reshape(-1) if qa.scale.size > 1 else qa.scale.reshape(())
-    return rows * (jnp.take(scale, ids, axis=0)[..., None] if scale.ndim else scale)
+    return _scaled_rows(qa.unpack(), qa.scale, ids)
   return jnp.take(qa.dequantize(), ids, axis=0)

@@ -22,6 +22,7 @@ from jax import lax
 
 from qatjax.core.config import ActQuant, WeightQuant
 from qatjax.core.exact_dot import bf16_matmul_fast, exact_in_bf16
+from qatjax.core.int_kernels import rescaled
 from qatjax.ops.act_quantizers import (
   apply_act,
 )
@@ -85,20 +86,23 @@ def integer_forward(
   """The value of the converted model's integer arithmetic, the derivatives of ``product``.
 
   ``integer(lhs, rhs, act_state, weight_state)`` returns ``(value, ready)``: a function of no
-  arguments computing ``y``, what the integer kernel computes from the same integers and scales,
-  and whether the activation quantizer is set. While the layer is enabled and ready the forward
-  value is ``value()`` (traced inside the branch that returns it, so that its output is not
-  copied); otherwise (and always for the derivatives: the straight-through estimators) it is
-  ``product(lhs, rhs, act_state, weight_state, enabled)``, the fake-quantized product, equal to
-  ``y`` up to float rounding. With ``differentiated=False`` the integer value is the forward value
-  only where no derivative is taken (``jax.grad`` and ``jax.vjp`` see the fake-quantized
-  product's value as well as its derivatives).
+  arguments computing ``(v, factors)``, what the integer kernel computes from the same integers
+  and scales (``y``, the product's output shape, is ``rescaled(v, factors)`` reshaped), and
+  whether the activation quantizer is set. While the layer is enabled and ready the forward value
+  is ``y`` (``value()`` is traced inside the branch that returns it, so that its output is not
+  copied; the last multiply, by the factors, comes after the branch, so that XLA fuses it with
+  what follows as it does in the converted model: a bias add becomes one multiply-add in both);
+  otherwise (and always for the derivatives: the straight-through estimators) it is
+  ``product(lhs, rhs, act_state, weight_state, enabled)``, the fake-quantized product (times
+  factors of one), equal to ``y`` up to float rounding. With ``differentiated=False`` the integer
+  value is the forward value only where no derivative is taken (``jax.grad`` and ``jax.vjp`` see
+  the fake-quantized product's value as well as its derivatives).
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from qatjax.ops.product import integer_forward
     >>> fake = lambda x, w, a, s, e: jnp.round(x) * w           # a toy "fake-quant" product
-    >>> exact = lambda x, w, a, s: (lambda: jnp.round(x) * w + 1e-3, True)   # its "integer" twin
+    >>> exact = lambda x, w, a, s: (lambda: (jnp.round(x) + 5e-4, (w,)), True)  # its "integer" twin
     >>> f = lambda x: integer_forward(fake, exact, x, 2.0, None, None, True)
     >>> float(f(1.2)), float(jax.grad(f)(1.2))   # exact's value, fake's gradient (round: 0)
     (2.000999927520752, 0.0)
@@ -107,15 +111,21 @@ def integer_forward(
   @jax.custom_vjp
   def forward(lhs, rhs, act_state, weight_state, enabled):
     value, ready = integer(lhs, rhs, act_state, weight_state)
+    args = (lhs, rhs, act_state, weight_state, enabled)
+    out = jax.eval_shape(product, *args)
+    v_shape, factor_shapes = jax.eval_shape(value)
 
     def exact():  # computed in the branch: a value from outside would be copied (LM step: 3 ms)
-      return value().astype(jnp.result_type(lhs, rhs))
+      v, factors = value()
+      return v.astype(out.dtype), tuple(factors)
 
     def fake():
       with jax.named_scope(AUXILIARY_SCOPE):  # not a site of its own (coverage)
-        return product(lhs, rhs, act_state, weight_state, enabled)
+        y = product(*args).reshape(v_shape.shape).astype(out.dtype)
+      return y, tuple(jnp.ones(f.shape, f.dtype) for f in factor_shapes)
 
-    return lax.cond(enabled & ready, exact, fake)
+    v, factors = lax.cond(enabled & ready, exact, fake)
+    return rescaled(v, factors).reshape(out.shape).astype(out.dtype)
 
   def forward_fwd(*args):
     value, backward = jax.vjp(product, *args)
