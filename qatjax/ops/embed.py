@@ -10,15 +10,16 @@ quantizer state (``embedding_scale``), so both uses see one quantized table.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from qatjax.core.config import ActQuant, WeightQuant
+from qatjax.core.int_kernels import rescaled
 from qatjax.core.qarray import QArray
 from qatjax.ops import dot_general as dot
 from qatjax.ops.context import QuantContext, flags
 from qatjax.ops.coverage import describe, op_scope
+from qatjax.ops.product import integer_forward
 from qatjax.ops.weight_quantizers import (
   apply_weight,
   weight_integers,
@@ -55,15 +56,27 @@ def embed_lookup(ctx: QuantContext, table, ids, weight_q: WeightQuant | None, *,
       scale = weight_scale_used(weight_q, w_state)
       ctx.record("embedding", weight_qarray(table, scale, weight_q, layout))
 
-    def fake(ids, table, w_state, enabled):
+    def fake(ids, table, _, w_state, enabled):
       table = apply_weight(table, weight_q, w_state, layout, enabled)
       (table,) = promote_dtype(table, dtype=dtype, inexact=False)
       return jnp.take(table, ids, axis=0)
 
     served = layout.group_axis is None and table.dtype == jnp.float32
     if not served or (dtype is not None and jnp.dtype(dtype) != jnp.float32):
-      return fake(ids, table, w_state, enabled)
-    return _lookup(fake, weight_q, layout, ids, table, w_state, enabled)
+      return fake(ids, table, None, w_state, enabled)
+
+    def integer(ids, table, _, w_state):
+      def value():  # the rows as the converted model computes them (_scaled_rows)
+        scale = weight_scale_used(weight_q, w_state)
+        q, stored_scale = weight_integers(table, scale, weight_q, layout)
+        return _scaled_rows(q, stored_scale, ids)
+
+      return value, True
+
+    # The converted model's rows where no derivative is taken, rescaled after the branch: XLA
+    # fuses that multiply with the next add (token + position) into one multiply-add, which rows
+    # gathered from a fake-quantized table would round differently.
+    return integer_forward(fake, integer, ids, table, None, w_state, enabled, differentiated=False)
 
 
 def embed_attend(
@@ -84,41 +97,15 @@ def embed_attend(
   )
 
 
-def _lookup(fake, weight_q, layout, ids, table, w_state, enabled):
-  """Rows of the fake-quantized table, computed where no derivative is taken as the converted
-  model computes them (:func:`_scaled_rows`; gradients: ``fake``'s straight-through estimator).
-
-  ``fake``'s rows are the same numbers, but XLA:CPU contracts the serving multiply with a
-  following add (token + position embeddings) into one fused multiply-add: rows gathered from a
-  fake-quantized table would round that sum differently, and per-token requantization downstream
-  can turn the last bit into a quantization step (a different greedy token).
-  """
-
-  @jax.custom_vjp
-  def rows(ids, table, w_state, enabled):
-    q, stored_scale = weight_integers(table, weight_scale_used(weight_q, w_state), weight_q, layout)
-    # Disabled: the float table times one (exact), through the same multiply.
-    codes = jnp.where(enabled, q.astype(jnp.float32), table)
-    return _scaled_rows(codes, jnp.where(enabled, stored_scale, 1), ids)
-
-  def rows_fwd(*args):
-    return jax.vjp(fake, *args)
-
-  def rows_bwd(backward, cotangent):
-    return backward(cotangent)
-
-  rows.defvjp(rows_fwd, rows_bwd)
-  return rows(ids, table, w_state, enabled)
-
-
 def _scaled_rows(codes, scale, ids):
-  """``codes[ids] * scale[ids]`` with one scale per row (or one for the table), in float32."""
+  """``(codes[ids] in float32, factors)``: the rows are ``rescaled(rows, factors)``, with one
+  scale per row (or one for the table)."""
   rows = jnp.take(codes, ids, axis=0).astype(jnp.float32)
   scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
-  return rows * (jnp.take(scale, ids, axis=0)[..., None] if scale.ndim else scale)
+  return rows, (jnp.take(scale, ids, axis=0)[..., None] if scale.ndim else scale,)
 
 
 def _serve(qa: QArray, ids):
   if qa.group_size is None:
-    return _scaled_rows(qa.unpack(), qa.scale, ids)
+    return rescaled(*_scaled_rows(qa.unpack(), qa.scale, ids))
   return jnp.take(qa.dequantize(), ids, axis=0)
