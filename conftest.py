@@ -45,3 +45,10 @@ def _training_forward_as_without_bf16_units(monkeypatch):
   from qatjax.ops import product
 
   monkeypatch.setattr(product, "bf16_matmul_fast", lambda: False)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``slow`` (tens of seconds each) run first: with ``pytest -n 2 --dist
+  worksteal`` the workers then end on short tests and finish together, instead of one waiting for
+  the other's long test at the end. Otherwise collection order."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

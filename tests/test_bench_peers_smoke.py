@@ -17,6 +17,7 @@ pytest.importorskip("sklearn")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_peers_quick(tmp_path):
   out = tmp_path / "peers.json"
   # Compile cheaply: the smoke run is all compilation (a few steps per variant).

@@ -98,6 +98,7 @@ def output_step(qv, last):
   return float(p["input_scale"]) * float(jnp.abs(p["kernel"].dequantize()).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "arch,cfg", [("mlp", QuantConfig()), ("cnn", QuantConfig(weight_bits=4))], ids=["mlp", "cnn"]
 )

@@ -44,6 +44,7 @@ def _check_outputs(res, out_dir, labels):
     assert r["bytes_pct"] < 27.0, r
 
 
+@pytest.mark.slow
 def test_digits_end_to_end(example, tmp_path, capsys):
   res = example.main(
     [
@@ -93,6 +94,7 @@ def test_nnx_api_runs_the_pipeline(example, tmp_path):
   assert res["api"] == "nnx" and res["train_images"] == 256
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
   not all((MNIST_DIR / f).exists() for f in MNIST_FILES),
   reason=f"MNIST IDX files not in {MNIST_DIR}",

@@ -155,6 +155,7 @@ def test_attention_matmuls_quantize_both_operands_on_the_observed_grid():
   np.testing.assert_allclose(weights, jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grouped_query_attention_and_is_causal():
   float_model = Decoder(nnx.Rngs(0), num_kv_heads=1)
   y_float = float_model(IDS)

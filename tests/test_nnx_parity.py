@@ -214,6 +214,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:quantize_model. these ops stay float")
 @pytest.mark.parametrize("model", MODELS, ids=list(MODELS))
 def test_linen_and_nnx_agree(model):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import run_on_cpu_devices
 
 import qatjax
@@ -69,6 +70,7 @@ print("done")
 """
 
 
+@pytest.mark.slow
 def test_qat_logits_are_the_integer_models_bit_for_bit():
   out = run_on_cpu_devices(_BITWISE.format(here=str(pathlib.Path(__file__).parent)), 1, "done")
   diffs = [float(line.split(":")[1]) for line in out.splitlines() if line.startswith("max")]

@@ -10,6 +10,7 @@ import time
 import distributed_worker as worker
 import jax
 import numpy as np
+import pytest
 
 from qatjax.training import restore_checkpoint
 
@@ -61,6 +62,7 @@ def leaves(state):
   }
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   codes, logs = run_job(tmp_path)
   assert codes == [0, 0], logs

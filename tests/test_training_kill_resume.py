@@ -60,6 +60,7 @@ def kill_when_paused(proc, marker):
   assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bitwise(tmp_path):
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
   reference = start(ref_dir)  # uninterrupted, alongside the runs that get killed

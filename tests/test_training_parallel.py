@@ -3,6 +3,7 @@ device count must be set before jax is imported)."""
 
 import textwrap
 
+import pytest
 from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
@@ -86,5 +87,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device():
   run_on_cpu_devices(SCRIPT, 4, "PARALLEL-OK", timeout=300)

@@ -5,6 +5,7 @@ device holds half of the kernels' bytes; bad input fails before the first step, 
 
 import textwrap
 
+import pytest
 from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
@@ -153,5 +154,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_params_match_one_device():
   print(run_on_cpu_devices(SCRIPT, 8, "SHARDED-OK"))  # the measured bytes, with pytest -s

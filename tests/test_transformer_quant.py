@@ -78,6 +78,7 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.slow
 def test_catch_all_rule_quantizes_every_matmul_and_the_integer_model_matches(lm):
   model, fv = lm
   qm = qatjax.quantize_model(model, W4A8)
