@@ -15,10 +15,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def _md_section(title, md_file, source):
+def _md_section(title, md_file, source, where=""):
   path = RESULTS / md_file
   if not path.exists():
-    return f"### {title}\n\nNot measured yet: run `{source}`.\n"
+    return f"### {title}\n\nNot measured yet: run `{source}`{where}.\n"
   return (
     f"### {title}\n\nFrom `{source}` (`benchmarks/results/{md_file}`):\n\n"
     + path.read_text().strip()
@@ -51,6 +51,12 @@ def render() -> str:
       "LSQ initialisation (from_float output error)",
       "lsq_init.md",
       "python benchmarks/bench_lsq_init.py",
+    ),
+    _md_section(
+      "On a GPU: QAT step (float32, bfloat16) and integer inference",
+      "device_gpu.md",
+      "python benchmarks/bench_gpu.py",
+      " on a machine with a GPU (none has been lent so far)",
     ),
   ]
   return "\n".join(parts)
