@@ -57,9 +57,6 @@ VARIANTS = {  # a config, or (the first layer's config, the other layers' config
   "float32": None,
   "W8A8 observer": QuantConfig(8, 8),
   "W8A8 LSQ": QuantConfig(8, 8, method="lsq"),
-  # Where LSQ's time goes: the first layer's input step gradient needs the gradient of that
-  # layer's input (MLP: a 256x512 @ 512x784 GEMM, CNN: the first convolution's input
-  # transpose), which a float step never computes (it does not differentiate its data).
   "W8A8 LSQ, layer 1 observer": (QuantConfig(8, 8), QuantConfig(8, 8, method="lsq")),
 }
 GOALS = {("MLP", "W8A8 observer"): 1.0, ("MLP", "W8A8 LSQ"): 1.05, ("CNN", "W8A8 observer"): 1.0}
