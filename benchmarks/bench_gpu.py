@@ -13,6 +13,10 @@ One prepared script, so that a session with a GPU spends its device time measuri
   batch 8), ``convert``-ed int8 and int4 vs float32, with R, XLA's bare int8-vs-float32 GEMM
   speed-up at the models' GEMM shapes on the same device.
 
+Each model is a section of its own: one that fails (an op the device's backend lacks) is recorded
+as a row with its error and the run goes on, and the results are rewritten after every section,
+so that a run cut short by its time limit keeps what it measured.
+
 It runs only where ``jax.default_backend()`` is not ``"cpu"`` unless ``--allow-cpu`` is given
 (the smoke test, and a dry run before a device session); ``--quick`` is a smoke run (2 rounds: the
 MLP's bfloat16 train steps and its integer inference).
@@ -24,6 +28,7 @@ Writes DIR/device_<backend>.json and .md (device_gpu on a GPU) (default DIR: ben
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import statistics
@@ -172,7 +177,9 @@ def inference_rows(rounds: int, models) -> list[dict]:
   return rows
 
 
-def render(meta, train, infer) -> str:
+def render(res: dict) -> str:
+  meta, train, infer = res["meta"], res["train"], res["inference"]
+  fails = lambda r: f"| {r['model']} | fails: {r['error'][:160]} |"
   out = [
     f"Device: {meta['device']} ({meta['backend']}), jax {meta['jax']}; median of "
     f"{meta['rounds']} interleaved rounds of {meta['steps']} steps.",
@@ -181,7 +188,9 @@ def render(meta, train, infer) -> str:
     "|---|---|---|---|---|",
   ]
   out += [
-    f"| {r['model']} | {r['dtype']} | {r['variant']} | {r['ms']:.3f} | {r['vs_float']:.2f}x |"
+    fails(r)
+    if "error" in r
+    else f"| {r['model']} | {r['dtype']} | {r['variant']} | {r['ms']:.3f} | {r['vs_float']:.2f}x |"
     for r in train
   ]
   out += [
@@ -191,6 +200,9 @@ def render(meta, train, infer) -> str:
     "|---|---|---|---|---|---|---|---|",
   ]
   for r in infer:
+    if "error" in r:
+      out.append(fails(r))
+      continue
     ms, sp = r["ms"], r["speedup_vs_float32"]
     out.append(
       f"| {r['model']} | {r['batch']} | {ms['float32']:.3f} | {ms['int8']:.3f} | "
@@ -225,19 +237,34 @@ def main(argv=None):
     cpus=os.cpu_count(),
     date=time.strftime("%Y-%m-%d %H:%M"),
   )
-  if args.quick:
-    train = train_rows(rounds, steps, args.warmup, batch, list(TRAIN_MODELS)[:1], ["bfloat16"])
-    infer = inference_rows(rounds, ["mnist_mlp"])
-  else:
-    train = train_rows(rounds, steps, args.warmup, batch, list(TRAIN_MODELS), list(DTYPES))
-    train += lm_rows(rounds, steps, args.warmup)
-    infer = inference_rows(rounds, INFERENCE_MODELS)
-  md = render(meta, train, infer)
-  print(md)
-  write_results(
-    args.out, f"device_{backend}", {"meta": meta, "train": train, "inference": infer}, md
-  )
-  return meta, train, infer
+  dtypes = ["bfloat16"] if args.quick else list(DTYPES)
+  jobs = [  # (section, name, rows): one section per model, so that one failure costs one row
+    ("train", m, functools.partial(train_rows, rounds, steps, args.warmup, batch, [m], dtypes))
+    for m in (list(TRAIN_MODELS)[:1] if args.quick else TRAIN_MODELS)
+  ]
+  if not args.quick:
+    jobs.append(("train", "byte LM", functools.partial(lm_rows, rounds, steps, args.warmup)))
+  jobs += [
+    ("inference", m, functools.partial(inference_rows, rounds, [m]))
+    for m in (["mnist_mlp"] if args.quick else INFERENCE_MODELS)
+  ]
+  res = {"meta": meta, "train": [], "inference": []}
+  run_jobs(jobs, res, lambda: write_results(args.out, f"device_{backend}", res, render(res)))
+  print(render(res))
+  return res
+
+
+def run_jobs(jobs, res: dict, save) -> None:
+  """Runs ``(section, name, rows)`` jobs in order, appending each one's rows to ``res[section]``
+  (or a row with its error: a device run must not lose the other models to one that fails) and
+  calling ``save()`` after each, so that a run cut short by its time limit keeps what it did."""
+  for section, name, rows in jobs:
+    print(f"{section}: {name} ...", flush=True)
+    try:
+      res[section] += rows()
+    except Exception as e:  # recorded in the results; the run goes on
+      res[section].append(dict(model=name, error=f"{type(e).__name__}: {e}"[:300]))
+    save()
 
 
 if __name__ == "__main__":
