@@ -5,8 +5,8 @@ One prepared script, so that a session with a GPU spends its device time measuri
 
 * **train step**: bench_layers' MLP 784-512-512-10 and CNN c32-c64s2-d10 at batch 256, float vs
   W8A8 observer vs W8A8 LSQ, each with the layers computing in float32 and in bfloat16
-  (``dtype=jnp.bfloat16``; parameters float32; the QAT variants fake-quantize and multiply in
-  bfloat16 too), interleaved rounds; ratio to the float step of the same dtype. Also the
+  (``dtype=jnp.bfloat16``; parameters float32; the QAT variants multiply in bfloat16 too),
+  interleaved rounds; ratio to the float step of the same dtype. Also the
   byte-level LM of ``examples/lm_qat.py`` (d=128, 2 blocks, batch 16 x 64), float vs W4A8 dynamic
   (int4 groups of 32, int8 per-token activations, int8 embeddings), float32.
 * **integer inference**: bench_inference's models (MLP and CNN at batch 256, 4096-wide MLP at
@@ -20,6 +20,11 @@ so that a run cut short by its time limit keeps what it measured.
 It runs only where ``jax.default_backend()`` is not ``"cpu"`` unless ``--allow-cpu`` is given
 (the smoke test, and a dry run before a device session); ``--quick`` is a smoke run (2 rounds: the
 MLP's bfloat16 train steps and its integer inference).
+
+On a lent device machine (its image has jax with CUDA, flax, optax and chex; the script imports
+the checkout's qatjax, nothing to install), one command: ``PYTHONUNBUFFERED=1 python3
+benchmarks/bench_gpu.py --out "$OUT"``; then commit its ``device_gpu.*`` files under
+``benchmarks/results`` and regenerate the README (``benchmarks/update_readme.py``).
 
 Usage: python benchmarks/bench_gpu.py [--rounds N] [--quick] [--allow-cpu] [--out DIR]
 Writes DIR/device_<backend>.json and .md (device_gpu on a GPU) (default DIR: benchmarks/results).
