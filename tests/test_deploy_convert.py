@@ -43,8 +43,9 @@ class Net(nn.Module):
 
 
 def calibrated(model, x, **kw):
-  v = model.init(jax.random.key(1), x, **kw)
-  _, upd = model.apply(v, x, mutable=["quant_stats", "batch_stats"], **kw)
+  v = jax.jit(functools.partial(model.init, **kw))(jax.random.key(1), x)
+  apply = functools.partial(model.apply, mutable=["quant_stats", "batch_stats"], **kw)
+  _, upd = jax.jit(apply)(v, x)
   return {**v, **upd}
 
 

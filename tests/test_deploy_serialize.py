@@ -1,5 +1,6 @@
 """save_quantized / load_quantized: exact round trips and clear errors on bad files."""
 
+import functools
 import os
 import struct
 
@@ -32,8 +33,8 @@ class Net(nn.Module):
 def model_and_vars():
   model = Net()
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
-  v = model.init(jax.random.key(1), x)
-  _, stats = model.apply(v, x, mutable=["quant_stats"])
+  v = jax.jit(model.init)(jax.random.key(1), x)
+  _, stats = jax.jit(functools.partial(model.apply, mutable=["quant_stats"]))(v, x)
   qv = convert(model, {**v, **stats}, x)
   return model, qv, x
 

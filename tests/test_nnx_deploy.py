@@ -43,7 +43,7 @@ def _trained(x):
   model.conv.mean[...] = jnp.full((4,), 0.1)
   qnnx.quantize_model(model, RULES, x)
   model.train()
-  model(x * 1.5)  # the observers see one more batch
+  nnx.jit(lambda m, x: m(x))(model, x * 1.5)  # the observers see one more batch
   model.eval()
   return model
 
