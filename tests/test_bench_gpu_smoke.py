@@ -54,11 +54,8 @@ def test_a_failing_model_is_recorded_and_the_run_goes_on(bench_gpu):
 
 @pytest.mark.slow
 def test_quick_run_on_cpu_writes_both_tables(tmp_path):
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",  # compile cheaply: the smoke run is mostly compilation
-    "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-  }
+  # The run is mostly compilation: it inherits conftest.py's cheap-compilation XLA_FLAGS.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, str(SCRIPT), "--quick", "--allow-cpu", "--out", str(tmp_path)]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
