@@ -45,16 +45,16 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # run as a script: import the checkout's qatjax
 sys.path.insert(0, str(ROOT / "examples"))  # lm_qat, text_data
 
-import flax.linen as nn  # noqa: E402
+import _peer_lm  # noqa: E402  (bench_peers' LM variants and jitted Adam step)
+import bench_inference as bi  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _peer_lm import _step_fn  # noqa: E402  (the jitted Adam step bench_peers times)
 from _results import write_results  # noqa: E402
+from bench_layers import CNN, MLP  # noqa: E402
 
-import qatjax  # noqa: E402
-from qatjax import QConv, QDense, QuantConfig  # noqa: E402
+from qatjax import QuantConfig  # noqa: E402
 
 TRAIN_VARIANTS = {
   "float": None,
@@ -64,32 +64,7 @@ TRAIN_VARIANTS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class MLP(nn.Module):
-  config: QuantConfig | None = None
-  dtype: object = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(QDense(512, config=self.config, dtype=self.dtype)(x))
-    x = nn.relu(QDense(512, config=self.config, dtype=self.dtype)(x))
-    return QDense(10, config=self.config, dtype=self.dtype)(x).astype(jnp.float32)
-
-
-class CNN(nn.Module):
-  config: QuantConfig | None = None
-  dtype: object = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(QConv(32, (3, 3), config=self.config, dtype=self.dtype)(x))
-    x = nn.relu(QConv(64, (3, 3), strides=2, config=self.config, dtype=self.dtype)(x))
-    x = x.reshape(x.shape[0], -1)
-    return QDense(10, config=self.config, dtype=self.dtype)(x).astype(jnp.float32)
-
-
 TRAIN_MODELS = {"MLP 784-512-512-10": (MLP, (784,)), "CNN c32-c64s2-d10": (CNN, (28, 28, 1))}
-INFERENCE_MODELS = ("mnist_mlp", "cnn", "wide_mlp")  # bench_inference.MODELS
 
 
 def _case(model, variables, x, y):
@@ -97,7 +72,7 @@ def _case(model, variables, x, y):
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.adam(1e-3)
-  return [_step_fn(model, tx, tuple(rest)), [params, rest, tx.init(params)], (x, y), []]
+  return [_peer_lm._step_fn(model, tx, tuple(rest)), [params, rest, tx.init(params)], (x, y), []]
 
 
 def _time_interleaved(cases: dict, rounds: int, steps: int, warmup: int) -> dict:
@@ -126,7 +101,7 @@ def train_rows(rounds: int, steps: int, warmup: int, batch: int, models, dtypes)
     cases = {}
     for dname in dtypes:
       for variant, config in TRAIN_VARIANTS.items():
-        model = cls(config, DTYPES[dname])
+        model = cls(config, config, DTYPES[dname])
         variables = jax.jit(model.init)(jax.random.key(0), x)
         cases[(dname, variant)] = _case(model, variables, x, y)
     med = _time_interleaved(cases, rounds, steps, warmup)
@@ -139,20 +114,19 @@ def train_rows(rounds: int, steps: int, warmup: int, batch: int, models, dtypes)
 
 
 def lm_rows(rounds: int, steps: int, warmup: int) -> list[dict]:
+  """The LM of bench_peers (``_peer_lm``): float vs qatjax W4A8 g32 dynamic, same shape."""
   import lm_qat
 
   shape, t = dict(d=128, heads=4, layers=2, max_len=64), 64
-  model = lm_qat.ByteLM(**shape)
+  variants = _peer_lm._variants(lm_qat, shape)
   ids = jax.random.randint(jax.random.key(0), (16, t), 0, 256)
   y = jnp.roll(ids, -1, axis=1)
-  fv = jax.jit(model.init)(jax.random.key(1), ids[:1])
-  dyn = dict(act_calibration="dynamic", act_granularity="per_token")
-  w4a8 = QuantConfig(4, 8, weight_granularity="per_group", weight_group_size=32, **dyn)
-  qm = qatjax.quantize_model(model, {r"Embed_\d+": QuantConfig(8, None), ".*": w4a8})
-  cases = {
-    "float": _case(model, fv, ids, y),
-    "W4A8 g32 dynamic": _case(qm, qatjax.from_float(qm, fv, ids[:1]), ids, y),
-  }
+  float_model = variants["float"][0]
+  fv = jax.jit(float_model.init)(jax.random.key(1), ids[:1])
+  cases = {}
+  for name in ("float", "qatjax W4A8 g32 (dynamic)"):
+    model, init = variants[name]
+    cases[name] = _case(model, init(fv, ids[:1]), ids, y)
   med = _time_interleaved(cases, rounds, steps, warmup)
   name = f"byte LM d={shape['d']} (batch 16 x {t})"
   return [
@@ -162,8 +136,6 @@ def lm_rows(rounds: int, steps: int, warmup: int) -> list[dict]:
 
 
 def inference_rows(rounds: int, models) -> list[dict]:
-  import bench_inference as bi
-
   rows = []
   for name in models:
     x, variants = bi.build(name)
@@ -251,7 +223,7 @@ def main(argv=None):
     jobs.append(("train", "byte LM", functools.partial(lm_rows, rounds, steps, args.warmup)))
   jobs += [
     ("inference", m, functools.partial(inference_rows, rounds, [m]))
-    for m in (["mnist_mlp"] if args.quick else INFERENCE_MODELS)
+    for m in (["mnist_mlp"] if args.quick else bi.MODELS)
   ]
   res = {"meta": meta, "train": [], "inference": []}
   run_jobs(jobs, res, lambda: write_results(args.out, f"device_{backend}", res, render(res)))

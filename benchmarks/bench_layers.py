@@ -67,24 +67,27 @@ RESIDUAL_GOAL = 1.0
 class MLP(nn.Module):
   first_config: object = None  # the first layer's
   config: object = None  # the other layers'
+  dtype: object = None  # the layers' computation dtype (bench_gpu: bfloat16); logits float32
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(QDense(512, config=self.first_config)(x))
-    x = nn.relu(QDense(512, config=self.config)(x))
-    return QDense(10, config=self.config)(x)
+    x = nn.relu(QDense(512, config=self.first_config, dtype=self.dtype)(x))
+    x = nn.relu(QDense(512, config=self.config, dtype=self.dtype)(x))
+    return QDense(10, config=self.config, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class CNN(nn.Module):
   first_config: object = None
   config: object = None
+  dtype: object = None
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(QConv(32, (3, 3), config=self.first_config)(x))
-    x = nn.relu(QConv(64, (3, 3), strides=2, config=self.config)(x))
-    return QDense(10, config=self.config)(x.reshape(x.shape[0], -1))
+    x = nn.relu(QConv(32, (3, 3), config=self.first_config, dtype=self.dtype)(x))
+    x = nn.relu(QConv(64, (3, 3), strides=2, config=self.config, dtype=self.dtype)(x))
+    x = x.reshape(x.shape[0], -1)
+    return QDense(10, config=self.config, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class WideMLP(nn.Module):
