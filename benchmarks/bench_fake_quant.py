@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: import the checkout's qatjax
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import cpu_name, write_results  # noqa: E402
 
 import qatjax  # noqa: E402
 
@@ -160,7 +159,7 @@ def main():
     jax=jax.__version__,
     backend=jax.default_backend(),
     device=getattr(device, "device_kind", str(device)),
-    cpu=platform.processor() or platform.machine(),
+    cpu=cpu_name(),
     copy_gb_per_s=round(gbps, 2),
     one_array_copy_gb_per_s=round(one_gbps, 2),
     load_average=round(os.getloadavg()[0], 2),
@@ -189,7 +188,7 @@ def main():
 
   md = [
     f"({n}, {n}) float32, forward + backward (`jax.vjp`, cotangent applied), "
-    f"{meta['backend']} ({meta['device']}), median of {args.repeats} interleaved runs (load "
+    f"{meta['backend']} ({meta['cpu']}), median of {args.repeats} interleaved runs (load "
     f"average {meta['load_average']}). Bound = the bytes per element a fused forward + "
     "backward must move (x, y, a 1-byte in-range mask or x again for LSQ, dy, dx) at the "
     "bandwidth of a jitted copy of two arrays in the same run (read x and dy, write both: "

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _results import write_results
+from _results import cpu_name, write_results
 
 from qatjax import QArray, QConv, QDense, QuantConfig, convert, model_size
 from qatjax.core import int_kernels as _int_ops
@@ -218,7 +218,7 @@ def main():
     "backend": jax.default_backend(),
     "cpus": os.cpu_count(),
     "machine": platform.machine(),
-    "processor": platform.processor() or platform.machine(),
+    "processor": cpu_name(),
     "load_average_1m": os.getloadavg()[0],
     "rounds": rounds,
     "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -270,7 +270,8 @@ def render(rows, meta):
     )
   lines.append("")
   lines.append(
-    f"jit(model.apply)(variables, x) on {meta['backend']} ({meta['cpus']} CPUs, "
+    f"jit(model.apply)(variables, x) on {meta['backend']} ({meta['processor']}, "
+    f"{meta['cpus']} CPUs, "
     f"load average {meta['load_average_1m']:.1f} at the end), jax {meta['jax']}; "
     f"median of {meta['rounds']} interleaved rounds. Speed-ups are float32 time / "
     'integer time; "int4 const" = variables closed over (compile-time constants, '

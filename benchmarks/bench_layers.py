@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _malloc import fix_malloc_thresholds  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import cpu_name, write_results  # noqa: E402
 
 from qatjax import QConv, QDense, QuantConfig  # noqa: E402
 
@@ -259,7 +258,7 @@ def main():
     optax=optax.__version__,
     backend=jax.default_backend(),
     device=getattr(device, "device_kind", str(device)),
-    cpu=platform.processor() or platform.machine(),
+    cpu=cpu_name(),
     cores=os.cpu_count(),
     allocator=allocator,
     step="value_and_grad(softmax CE) + optax.adam, quant_stats mutable, jitted",
@@ -299,7 +298,7 @@ def main():
 
   md = [
     f"Jitted train step (value_and_grad of softmax cross-entropy + Adam, `quant_stats` "
-    f"mutable), batch {args.batch}, {meta['backend']} ({meta['device']}, {meta['cores']} "
+    f"mutable), batch {args.batch}, {meta['backend']} ({meta['cpu']}, {meta['cores']} "
     f"cores), median over {args.repeats} interleaved rounds of {args.steps} consecutive "
     f"steps (variants of one model interleaved; {allocator}, see benchmarks/_malloc.py). "
     "Goals: MLP observer <= 1.0x, LSQ <= 1.05x "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import pathlib
-import platform
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -32,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _peer_models import build  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import cpu_name, write_results  # noqa: E402
 from image_data import load_digits, load_mnist  # noqa: E402
 
 import qatjax  # noqa: E402
@@ -135,7 +134,7 @@ def main():
     float_accuracy=float_acc,
     jax=jax.__version__,
     backend=jax.default_backend(),
-    cpu=platform.processor() or platform.machine(),
+    cpu=cpu_name(),
     goals=goals,
   )
   md = [

@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _malloc import fix_malloc_thresholds  # noqa: E402
-from _results import write_results  # noqa: E402
+from _results import cpu_name, write_results  # noqa: E402
 
 AQT_CONV_NOTE = (
   "AqtConvGeneralDilated quantizes the forward pass only; its kernel and input "
@@ -384,7 +384,7 @@ def machine_info(allocator: str = "default allocator"):
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "python": platform.python_version(),
     "platform": platform.platform(),
-    "processor": platform.processor() or platform.machine(),
+    "processor": cpu_name(),
     "cpu_count": os.cpu_count(),
     "jax_backend": jax.default_backend(),
     "allocator": allocator,
@@ -405,7 +405,8 @@ def render_markdown(res) -> str:
   m = res["machine"]
   v = m["versions"]
   out = [
-    f"Measured {m['date']} on {m['cpu_count']} CPU core(s) ({m['jax_backend']}), jax "
+    f"Measured {m['date']} on {m['cpu_count']} CPU core(s) of {m['processor']} "
+    f"({m['jax_backend']}), jax "
     f"{v['jax']}, flax {v['flax']}, qwix {v['qwix']}, aqtp {v['aqtp']}; "
     f"{m.get('allocator', 'default allocator')} (see benchmarks/_malloc.py)"
     + (" — **quick smoke mode, not representative**" if res["config"]["quick"] else "")

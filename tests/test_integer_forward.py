@@ -6,8 +6,8 @@ int32 sums computed exactly on bfloat16 units) or the fake-quantized float produ
 with quantized activations take the integer one where no derivative is taken (the grouped
 kernel rescales group by group, so only this keeps the converted model's outputs, and greedy
 decoding, identical); under ``"auto"`` the per-channel ones do where bfloat16 products are fast
-(x86 CPUs with ``avx512_bf16``), also in training; int4 groups and attention's products train
-on the fake-quant value there (faster).
+(x86 CPUs whose ``avx512_bf16`` products time faster than float32 ones), also in training; int4
+groups and attention's products train on the fake-quant value there (faster).
 Expected values: the converted model's outputs (bitwise), the gradients of the pure fake-quant
 path (``qat_forward("fake_quant")``) and int64 products computed by numpy.
 """
