@@ -265,7 +265,7 @@ def main():
     goal="MLP observer <= 1.0x, LSQ <= 1.05x float32; CNN <= 1.0x; residuals <= 1.0x (CPU)",
   )
   print(
-    f"QAT train step, batch {args.batch}, {meta['backend']} ({meta['device']}, "
+    f"QAT train step, batch {args.batch}, {meta['backend']} ({meta['cpu']}, "
     f"{meta['cores']} cores), median of {args.repeats} interleaved rounds"
   )
   header = f"{'model':<28} {'variant':<27} {'median ms':>10} {'min ms':>9} {'x float':>8}"
